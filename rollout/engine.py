@@ -1,0 +1,111 @@
+"""`RolloutEngine`: one vLLM engine inside one Ray actor.
+
+On GPU it owns `tensor_parallel_size` GPUs of its placement-group bundle (TP workers as local processes); on CPU
+it runs vLLM's in-process `uni` executor with an explicit KV-cache size. It samples n completions per prompt
+with the logprob of every sampled token under the sampling distribution (temperature applied), and applies weight
+broadcasts through the worker extension. Ray runs one method of an actor at a time, so an engine never generates
+while an update is half-applied.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from rollout.types import Sample
+
+WORKER_EXTENSION = "rollout.worker_extension.WeightReceiver"
+
+
+def engine_env(device: str, threads: int) -> dict[str, str]:
+    """Environment for an engine process, set before vLLM is imported (Ray `runtime_env`)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+class RolloutEngine:
+    def __init__(self, model: str, device: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 max_model_len: int = 1024, gpu_memory_utilization: float = 0.85, cpu_kv_cache_gb: float = 1.0,
+                 enforce_eager: bool = False, overlong_prompt: str = "drop", seed: int = 0, engine_index: int = 0):
+        from vllm import LLM
+
+        if device == "cpu" and tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size must be 1 on CPU")
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        kwargs = dict(
+            model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+            seed=seed + engine_index, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+            worker_extension_cls=WORKER_EXTENSION,
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+        )
+        if device == "cpu":
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gb * (1 << 30)))
+        else:
+            kwargs.update(enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
+        start = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - start
+        self.max_model_len = max_model_len
+        self.overlong_prompt = overlong_prompt
+        self.version = 0
+        self.index = engine_index
+
+    def info(self) -> dict:
+        return {"index": self.index, "version": self.version, "max_model_len": self.max_model_len,
+                "start_seconds": self.start_seconds, "pid": os.getpid()}
+
+    def _fit(self, ids: list[int], max_tokens: int) -> list[int] | None:
+        """The prompt as it will be sent, or None when it is dropped (see rollout.overlong_prompt)."""
+        room = self.max_model_len - max_tokens
+        if len(ids) <= room:
+            return ids
+        if self.overlong_prompt == "truncate_left" and room > 0:
+            return ids[-room:]
+        return None
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 256, stop: list[str] | None = None, seed: int | None = None) -> list[list[Sample]]:
+        """n samples for each prompt (token ids). Greedy when temperature == 0 (then n must be 1)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature == 0 and n != 1:
+            raise ValueError("greedy decoding (temperature 0) gives identical samples: use n=1")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt (no tokens) in the batch")
+        if not prompts:
+            return []
+        fitted = [self._fit(list(p), max_tokens) for p in prompts]
+        live = [i for i, p in enumerate(fitted) if p is not None]
+        # A stop string stays in the completion: the learner trains on exactly what the model wrote, and format
+        # rewards can see the closing tag.
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
+                                include_stop_str_in_output=True, logprobs=0 if temperature > 0 else None, seed=seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=fitted[i]) for i in live], params, use_tqdm=False) \
+            if live else []
+        result: list[list[Sample]] = [
+            [Sample(list(p), [], [], "dropped", self.version) for _ in range(n)] for p in prompts]
+        for i, out in zip(live, outputs):
+            samples = []
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                lps = [d[t].logprob for d, t in zip(comp.logprobs, ids)] if comp.logprobs else []
+                samples.append(Sample(fitted[i], ids, lps, comp.finish_reason or "length", self.version, comp.text))
+            result[i] = samples
+        return result
+
+    def open_weight_group(self, backend: str, host: str, port: int, world_size: int, rank_offset: int,
+                          timeout_s: float, plan: list) -> list[int]:
+        return self.llm.collective_rpc("rlvr_open_weight_group",
+                                       args=(backend, host, port, world_size, rank_offset, timeout_s, plan))
+
+    def receive_weights(self, version: int) -> float:
+        """Join the broadcast of `version`, load it in place, drop the prefix cache. Returns seconds."""
+        seconds = max(self.llm.collective_rpc("rlvr_receive_weights", args=(version,)))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return seconds

@@ -1,0 +1,44 @@
+"""The records that travel from the engines to the driver and on to the learner: defined once, used by both."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """One sampled completion of one prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # log p(token) under the sampling distribution (temperature applied), per completion token
+    finish_reason: str  # "stop" | "length" | "dropped" (prompt past the engine's window, see rollout.overlong_prompt)
+    weight_version: int  # the weights that produced it (the count of broadcasts the engine has applied)
+    text: str = ""
+
+
+@dataclass
+class TrainSample:
+    """A sample as the learner needs it: tokens, the sampling logprobs and its advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    advantage: float
+    weight_version: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class TrainShard:
+    """What one learner rank gets for one rollout batch: its samples per minibatch and the global totals that
+    make the loss normalisation (and so the update) independent of how samples are split across ranks."""
+
+    minibatches: list[list[TrainSample]]
+    global_tokens: list[int]  # completion tokens in each minibatch, all ranks together
+    global_seqs: list[int]  # sequences in each minibatch, all ranks together
+    micro_batches: list[int]  # forward/backward passes every rank makes per minibatch (padded with empty ones)
+    temperature: float = 1.0
+    extra: dict = field(default_factory=dict)

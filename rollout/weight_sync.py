@@ -1,0 +1,167 @@
+"""The weight protocol between learner rank 0 (the sender) and every engine worker (the receivers).
+
+Both sides import this module, so they cannot drift:
+- one process group of world size 1 + engines × TP: learner rank 0 is rank 0, engine i's TP worker r is
+  rank 1 + i·TP + r; backend `gloo` on CPU, `nccl` on GPU; rendezvous over a TCP store at the sender's address;
+- the plan (which tensor sits where in which flat bucket) is made once by the sender from the HF parameter names
+  and handed to each receiver when the group opens; a sync then broadcasts a 3-int header
+  (magic, version, plan digest) followed by the flat buckets, in plan order;
+- every side enters a collective from the same driver call, and every wait is bounded by the group's timeout,
+  so a missing peer raises instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x5EED_5EED
+BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # Hugging Face parameter name (what vLLM's load_weights maps)
+    shape: tuple[int, ...]
+    offset: int  # in elements, inside the bucket
+    numel: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: str  # e.g. "bfloat16"; one dtype per flat buffer
+    numel: int
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def plan_buckets(params: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], bucket_bytes: int) -> list[Bucket]:
+    """Pack (name, dtype, shape) into flat buckets of at most `bucket_bytes` (a larger tensor gets its own),
+    keeping the given order within each dtype."""
+    by_dtype: dict[str, list[list[TensorSpec]]] = {}
+    fill: dict[str, int] = {}
+    for name, dtype, shape in params:
+        key = str(dtype).removeprefix("torch.")
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        size = numel * torch.empty((), dtype=getattr(torch, key)).element_size()
+        buckets = by_dtype.setdefault(key, [[]])
+        if buckets[-1] and fill[key] + size > bucket_bytes:
+            buckets.append([])
+            fill[key] = 0
+        offset = sum(t.numel for t in buckets[-1])
+        buckets[-1].append(TensorSpec(name, tuple(int(d) for d in shape), offset, numel))
+        fill[key] = fill.get(key, 0) + size
+    return [Bucket(dtype, sum(t.numel for t in specs), tuple(specs))
+            for dtype, groups in by_dtype.items() for specs in groups if specs]
+
+
+def plan_digest(plan: list[Bucket]) -> int:
+    """A stable 62-bit fingerprint of the plan; the header carries it so a receiver holding another plan stops."""
+    text = repr([(b.dtype, b.numel, [(t.name, t.shape, t.offset) for t in b.tensors]) for b in plan])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
+
+
+@dataclass
+class WeightGroup:
+    """An open weight group: the process group and the TCP store that must outlive it."""
+
+    pg: object
+    store: object
+    rank: int
+    world_size: int
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def open_group(backend: str, host: str, port: int, world_size: int, rank: int, timeout_s: float) -> WeightGroup:
+    """Join the weight group. All `world_size` members must call this at the same time."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout,
+                              wait_for_workers=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with what the user needs to know
+        raise TimeoutError(
+            f"weight group rendezvous at {host}:{port} failed for rank {rank}/{world_size} within {timeout_s:.0f}s: "
+            f"are the learner and all {world_size - 1} engine workers alive and entering together? ({err})"
+        ) from err
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if loopback
+                         else dist.ProcessGroupGloo.create_default_device()]
+        pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    else:
+        raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
+    return WeightGroup(pg, store, rank, world_size)
+
+
+def _broadcast(group: WeightGroup, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    try:
+        group.pg.broadcast([tensor], opts).wait()
+    except RuntimeError as err:
+        raise TimeoutError(f"weight broadcast failed on rank {group.rank}/{group.world_size} ({tensor.numel()} "
+                           f"elements): a peer is missing, stopped, or did not enter this sync in time ({err})") from err
+
+
+def _header(version: int, digest: int, device) -> torch.Tensor:
+    return torch.tensor([MAGIC, version, digest], dtype=torch.int64, device=device)
+
+
+def send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: Iterable[torch.Tensor], device) -> int:
+    """Sender side: the header, then each flat bucket (produced lazily, e.g. gathered under ZeRO-3)."""
+    _broadcast(group, _header(version, plan_digest(plan), device))
+    sent = 0
+    for bucket, flat in zip(plan, flat_buckets, strict=True):
+        if flat.numel() != bucket.numel or str(flat.dtype).removeprefix("torch.") != bucket.dtype:
+            raise ValueError(f"bucket mismatch: planned {bucket.numel} {bucket.dtype}, got {flat.numel()} {flat.dtype}")
+        _broadcast(group, flat)
+        sent += flat.numel() * flat.element_size()
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return sent
+
+
+def pack(bucket: Bucket, tensors_by_name: dict[str, torch.Tensor], device) -> torch.Tensor:
+    flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
+    for spec in bucket.tensors:
+        flat[spec.offset:spec.offset + spec.numel].copy_(tensors_by_name[spec.name].reshape(-1))
+    return flat
+
+
+def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: check the header, then yield (name, tensor) views of each bucket as it arrives."""
+    header = _header(0, 0, device)
+    _broadcast(group, header)
+    magic, version, digest = (int(x) for x in header.tolist())
+    if magic != MAGIC or digest != plan_digest(plan):
+        raise RuntimeError(f"weight sync header mismatch (magic {magic:#x}, digest {digest}): the sender's parameter "
+                           f"plan differs from this engine's; were they built from the same model?")
+    if expect_version is not None and version != expect_version:
+        raise RuntimeError(f"weight sync: sender sent version {version}, engine expected {expect_version}")
+    for bucket in plan:
+        flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
+        _broadcast(group, flat)
+        for spec in bucket.tensors:
+            yield spec.name, flat[spec.offset:spec.offset + spec.numel].view(spec.shape)

@@ -1,0 +1,181 @@
+"""GRPO math, LR schedule and batch sharding: pure functions against hand-computed numbers."""
+import math
+
+import pytest
+import torch
+
+from learner import grpo
+from learner.group import make_shards, reduce_metrics
+from learner.worker import lr_multiplier
+from rollout.types import TrainSample
+
+
+def test_group_advantages_scaled_by_unbiased_std():
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    # mean 0.5; unbiased std sqrt(4 * 0.25 / 3) = 0.57735; ±0.5 / 0.57735 = ±0.866025
+    assert adv.tolist()[0] == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-5)
+
+
+def test_group_advantages_dr_grpo_skips_std():
+    adv = grpo.group_advantages(torch.tensor([[3.0, 1.0], [2.0, 2.0]]), scale=False)
+    assert adv.tolist() == [[1.0, -1.0], [0.0, 0.0]]
+
+
+def test_group_advantages_equal_rewards_give_zero():
+    adv = grpo.group_advantages(torch.tensor([[0.7, 0.7, 0.7]]))
+    assert adv.abs().max().item() == 0.0
+
+
+def test_group_advantages_rejects_bad_shape():
+    with pytest.raises(ValueError):
+        grpo.group_advantages(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError):
+        grpo.group_advantages(torch.tensor([[1.0]]))
+
+
+def test_token_logprobs_with_temperature():
+    logits = torch.tensor([[[0.0, math.log(2.0)]]])
+    target = torch.tensor([[1]])
+    assert grpo.token_logprobs(logits, target).item() == pytest.approx(math.log(2 / 3), abs=1e-6)
+    # T=2: softmax([0, ln2/2]) → p1 = √2 / (1 + √2) = 0.585786
+    assert grpo.token_logprobs(logits, target, 2.0).item() == pytest.approx(math.log(0.585786), abs=1e-6)
+
+
+def test_token_logprobs_equals_log_softmax():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(grpo.token_logprobs(logits, targets, 0.7), ref, atol=1e-6)
+
+
+def test_entropy():
+    assert grpo.entropy(torch.zeros(1, 1, 2)).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert grpo.entropy(torch.tensor([[[0.0, 100.0]]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_k3():
+    lp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # d = ref − lp = −ln 2: exp(−ln 2) + ln 2 − 1 = 0.193147
+    assert grpo.kl_k3(lp, ref).item() == pytest.approx(0.193147, abs=1e-6)
+    assert grpo.kl_k3(lp, lp).item() == 0.0
+
+
+def _loss(ratio, adv, clip_low=0.2, clip_high=0.2, **kw):
+    lp = torch.tensor([[math.log(ratio)]])
+    loss, stats = grpo.policy_loss(lp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), clip_low, clip_high,
+                                   **kw)
+    return loss.item(), stats
+
+
+@pytest.mark.parametrize("ratio,adv,expected,clipped", [
+    (1.5, 1.0, -1.2, 1),   # positive advantage, ratio above 1+clip_high: clipped to 1.2
+    (1.5, -1.0, 1.5, 0),   # negative advantage, ratio above: unclipped term is the minimum
+    (0.5, 1.0, -0.5, 0),   # positive advantage, ratio below: unclipped term is the minimum
+    (0.5, -1.0, 0.8, 1),   # negative advantage, ratio below 1−clip_low: clipped to 0.8
+    (1.1, 1.0, -1.1, 0),   # inside the trust region
+])
+def test_policy_loss_clip_branches(ratio, adv, expected, clipped):
+    value, stats = _loss(ratio, adv)
+    assert value == pytest.approx(expected, abs=1e-6)
+    assert stats["clipped_tokens"].item() == clipped
+    assert stats["ratio_sum"].item() == pytest.approx(ratio, abs=1e-6)
+
+
+def test_policy_loss_clip_higher():
+    assert _loss(1.25, 1.0, clip_high=0.2)[0] == pytest.approx(-1.2, abs=1e-6)
+    assert _loss(1.25, 1.0, clip_high=0.28)[0] == pytest.approx(-1.25, abs=1e-6)
+    assert _loss(0.75, -1.0, clip_low=0.2, clip_high=0.28)[0] == pytest.approx(0.8, abs=1e-6)
+
+
+def test_policy_loss_kl_term():
+    lp = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25)]])
+    loss, stats = grpo.policy_loss(lp, lp.clone(), torch.tensor([0.0]), torch.ones(1, 1), ref_logprobs=ref, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * 0.193147, abs=1e-6)
+    assert stats["kl_sum"].item() == pytest.approx(0.193147, abs=1e-6)
+    _, no_kl = grpo.policy_loss(lp, lp.clone(), torch.tensor([0.0]), torch.ones(1, 1), ref_logprobs=ref, beta=0.0)
+    assert "kl_sum" not in no_kl
+
+
+def test_policy_loss_gradient_is_advantage_at_ratio_one():
+    lp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = grpo.policy_loss(lp, lp.detach(), torch.tensor([2.0]), torch.ones(1, 2))
+    loss.sum().backward()
+    assert lp.grad.tolist() == [[-2.0, -2.0]]  # d/dlp of −ratio·A at ratio 1 is −A
+
+
+def test_policy_loss_masked_tokens_excluded_from_stats():
+    lp = torch.tensor([[math.log(1.5), math.log(3.0)]])
+    _, stats = grpo.policy_loss(lp, torch.zeros(1, 2), torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]))
+    assert stats["ratio_max"].item() == pytest.approx(1.5)
+    assert stats["clipped_tokens"].item() == 1
+
+
+def test_aggregate_token_and_seq_mean():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert grpo.aggregate(loss, mask, "token_mean", 3).item() == pytest.approx(7 / 3)
+    assert grpo.aggregate(loss, mask, "seq_mean", 2).item() == pytest.approx((1.5 + 4.0) / 2)
+    with pytest.raises(ValueError):
+        grpo.aggregate(loss, mask, "sum", 1)
+
+
+def test_aggregate_shares_add_up_across_micro_batches():
+    torch.manual_seed(0)
+    loss, mask = torch.randn(6, 4), (torch.rand(6, 4) > 0.3).float()
+    for agg, denom in (("token_mean", mask.sum().item()), ("seq_mean", 6)):
+        whole = grpo.aggregate(loss, mask, agg, denom)
+        parts = sum(grpo.aggregate(loss[i:i + 2], mask[i:i + 2], agg, denom) for i in range(0, 6, 2))
+        assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("step,schedule,expected", [
+    (0, "cosine", 0.5), (1, "cosine", 1.0), (2, "cosine", 1.0), (6, "cosine", 0.5), (10, "cosine", 0.0),
+    (6, "linear", 0.5), (10, "linear", 0.0), (6, "constant", 1.0),
+])
+def test_lr_multiplier(step, schedule, expected):
+    assert lr_multiplier(step, total=10, warmup=2, schedule=schedule, min_ratio=0.0) == pytest.approx(expected)
+
+
+def test_lr_multiplier_min_ratio():
+    assert lr_multiplier(10, 10, 0, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(5, 10, 0, "linear", 0.2) == pytest.approx(0.6)
+
+
+def _sample(p, c, adv=1.0):
+    return TrainSample(list(range(p)), list(range(c)), [0.0] * c, adv)
+
+
+def test_make_shards_balances_and_counts():
+    samples = [_sample(4, 10), _sample(4, 2), _sample(4, 2), _sample(4, 2), _sample(4, 8)]
+    shards = make_shards(samples, world_size=2, micro_batch_size=2, minibatches=1, temperature=0.7)
+    assert len(shards) == 2
+    assert sorted(len(s.minibatches[0]) for s in shards) == [2, 3]
+    assert all(s.global_tokens == [24] and s.global_seqs == [5] and s.micro_batches == [2] for s in shards)
+    loads = sorted(sum(x.num_tokens for x in s.minibatches[0]) for s in shards)
+    assert loads == [20, 24]  # sizes 14, 6, 6, 6, 12: {14, 6} vs {12, 6, 6} is the best split
+    assert shards[0].temperature == 0.7
+
+
+def test_make_shards_minibatches_and_empty_ranks():
+    samples = [_sample(2, 3) for _ in range(3)]
+    shards = make_shards(samples, world_size=4, micro_batch_size=8, minibatches=2, temperature=1.0)
+    assert [len(s.minibatches) for s in shards] == [2, 2, 2, 2]
+    assert shards[0].global_seqs == [2, 1] and shards[0].global_tokens == [6, 3]
+    assert sum(len(s.minibatches[1]) for s in shards) == 1  # three ranks get an empty minibatch
+    assert shards[0].micro_batches == [1, 1]
+    with pytest.raises(ValueError):
+        make_shards([], 1, 1, 1, 1.0)
+
+
+def test_reduce_metrics_weights_by_tokens():
+    base = dict(seqs=1, loss=0.0, kl_sum=0.0, mismatch_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
+                lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0)
+    a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25)
+    b = dict(base, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0, loss=0.5, ratio_max=1.3)
+    m = reduce_metrics([a, b])
+    assert m["clip_frac"] == pytest.approx(0.1)
+    assert m["ratio_mean"] == pytest.approx(43 / 40)
+    assert m["entropy"] == pytest.approx(50 / 40)
+    assert m["loss"] == pytest.approx(0.75)
+    assert m["ratio_max"] == 1.3

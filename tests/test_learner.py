@@ -1,0 +1,173 @@
+"""Learner: real DeepSpeed ZeRO-2/3 on gloo, 2 ranks in Ray actors, against a plain-torch reference."""
+import threading
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from launch import checkpoint
+from launch.config import GRPOConfig, LearnerConfig
+from learner.group import LearnerGroup
+from rollout import weight_sync
+from rollout.types import TrainSample
+
+pytestmark = pytest.mark.integration
+LR, CLIP, T = 1e-3, 0.5, 0.8
+
+
+def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, c = 3 + i % 4, 2 + (i * 3) % 7  # uneven prompt and completion lengths: padding on both sides
+        out.append(TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
+                               torch.randint(3, 500, (c,), generator=g).tolist(),
+                               (-torch.rand(c, generator=g) * 5).tolist(), float(torch.randn(1, generator=g))))
+    return out
+
+
+def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, float, dict]:
+    """The same GRPO step written plainly: one unpadded forward per sequence, torch AdamW and clipping."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    total_tokens = sum(len(s.completion_ids) for s in samples)
+    loss = 0.0
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+        ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
+        loss = loss - (ratio * s.advantage).sum() / total_tokens
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return loss.item(), norm.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def learner_cfg(stage: int, **kw) -> LearnerConfig:
+    return LearnerConfig(num_workers=2, zero_stage=stage, lr=LR, betas=(0.9, 0.99), max_grad_norm=CLIP,
+                         micro_batch_size=2, bucket_mb=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_local, tiny_model):
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(2, max_nonfinite_steps=2), GRPOConfig(), total_steps=10).ready()
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_local, tiny_model):
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(3), GRPOConfig(), total_steps=10).ready()
+    yield group
+    group.shutdown()
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
+
+
+@pytest.mark.parametrize("group_name", ["zero2", "zero3"])
+def test_step_equals_plain_torch(group_name, request, tiny_model):
+    group = request.getfixturevalue(group_name)
+    samples = make_batch(0)
+    ref_loss, ref_norm, ref_weights = reference_step(tiny_model, samples)
+    m = group.train_step(samples, T)
+    assert m["optimizer_steps"] == 1 and m["train_tokens"] == sum(len(s.completion_ids) for s in samples)
+    assert m["loss"] == pytest.approx(ref_loss, abs=1e-5)
+    assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert ref_norm > CLIP  # the clipping branch ran
+    weights = group.full_state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    assert max_diff(weights, start) > 1e-4  # the step moved the weights...
+    assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
+
+
+def test_save_load_resumes_exactly_and_survives_a_crash_mid_save(zero2, tmp_path, monkeypatch):
+    first = checkpoint.begin(tmp_path, 1)
+    zero2.save(str(first))
+    good = checkpoint.commit(first, 1, {"step": 1}, keep=2)
+
+    batch_a, batch_b = make_batch(1), make_batch(2)
+    loss_a = zero2.train_step(batch_a, T)["loss"]
+    loss_b = zero2.train_step(batch_b, T)["loss"]
+    weights_b = zero2.full_state_dict()
+
+    # A crash in the middle of the next save: shards written, trainer state never committed.
+    tmp = checkpoint.begin(tmp_path, 3)
+    zero2.save(str(tmp))
+    monkeypatch.setattr(checkpoint.Path, "rename", lambda *a: (_ for _ in ()).throw(OSError("power cut")))
+    with pytest.raises(OSError, match="power cut"):
+        checkpoint.commit(tmp, 3, {"step": 3}, keep=2)
+    monkeypatch.undo()
+    assert checkpoint.latest_checkpoint(tmp_path) == good
+
+    zero2.load(str(good))  # back to the state after the first save: replay the same two batches
+    assert zero2.train_step(batch_a, T)["loss"] == pytest.approx(loss_a, abs=1e-7)
+    assert zero2.train_step(batch_b, T)["loss"] == pytest.approx(loss_b, abs=1e-7)
+    assert max_diff(zero2.full_state_dict(), weights_b) == 0.0
+
+    checkpoint.commit(checkpoint.begin(tmp_path, 4), 4, {"step": 4}, keep=1)  # a later save clears the debris
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000004"]
+    assert not list(checkpoint.checkpoints_dir(tmp_path).glob(".tmp-*"))
+
+
+def receive_all(result: dict, port: int, plan: list):
+    group = weight_sync.open_group("gloo", "127.0.0.1", port, 2, 1, 60)
+    result["weights"] = {k: v.clone() for k, v in weight_sync.receive(group, plan, "cpu", expect_version=5)}
+
+
+@pytest.mark.parametrize("group_name", ["zero2", "zero3"])
+def test_broadcast_is_bit_identical(group_name, request):
+    group = request.getfixturevalue(group_name)
+    plan = group.weight_plan()
+    assert len(plan) >= 2  # 1 MiB buckets for a 1.4 MiB model
+    port = weight_sync.free_port("127.0.0.1")
+    got: dict = {}
+    t = threading.Thread(target=receive_all, args=(got, port, plan))
+    t.start()
+    ray.get(group.open_weight_group("gloo", "127.0.0.1", port, 2, 60))
+    stats = ray.get(group.broadcast_weights(5))
+    t.join()
+    full, got = group.full_state_dict(), got["weights"]
+    assert stats[0]["bytes"] == sum(b.nbytes for b in plan)
+    assert set(got) == set(full) - {"lm_head.weight"}  # the tied lm_head travels once, as the embedding
+    assert all(torch.equal(got[k], full[k]) for k in got)
+
+
+def test_broadcast_into_live_engines_matches_learner(zero2, engines, tiny_model):
+    zero2.train_step(make_batch(3), T)
+    plan = zero2.weight_plan()
+    host, port = zero2.sender_address()
+    world = 1 + engines.num_workers
+    ray.get(zero2.open_weight_group("gloo", host, port, world, 60) +
+            engines.open_weight_group("gloo", host, port, world, 60, plan))
+    ray.get(zero2.broadcast_weights(11) + engines.receive_weights(11))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.load_state_dict(zero2.full_state_dict())
+    groups = engines.generate([[5, 6, 7, 8], [40, 41]], 4, temperature=T, max_tokens=12)
+    for s in [s for g in groups for s in g]:
+        assert s.weight_version == 11
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+        assert (ref - torch.tensor(s.logprobs)).abs().max() < 1e-4
+
+
+def test_nonfinite_loss_skips_the_step_then_aborts(zero2):
+    before = zero2.full_state_dict()
+    bad = [TrainSample(s.prompt_ids, s.completion_ids, s.logprobs, float("nan")) for s in make_batch(4)]
+    m = zero2.train_step(bad, T)
+    assert m["optimizer_steps"] == 0 and m["skipped_steps"] == 1 and m["nonfinite_microbatches"] >= 1
+    assert max_diff(zero2.full_state_dict(), before) == 0.0
+    with pytest.raises(FloatingPointError, match="2 steps in a row"):
+        zero2.train_step(bad, T)
+    assert zero2.train_step(make_batch(5), T)["optimizer_steps"] == 1  # still usable, streak reset
+
+
+def test_export_hf_loads_in_transformers(zero3, tmp_path, tiny_model):
+    path = zero3.export_hf(str(tmp_path / "hf"), tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert max_diff(model.state_dict(), zero3.full_state_dict()) == 0.0

