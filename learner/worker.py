@@ -103,6 +103,7 @@ class LearnerWorker:
         self.nonfinite_streak = 0
         self.weight_group = None
         self.plan = None
+        self.pack_buffers = None
         return {"rank": self.rank, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                                  for p in self.engine.module.parameters())}
 
@@ -254,6 +255,7 @@ class LearnerWorker:
         params = [(n, p.dtype if not self.zero3 else p.ds_tensor.dtype, tuple(p.ds_shape) if self.zero3 else tuple(p.shape))
                   for n, p in self._named_params()]
         self.plan = weight_sync.plan_buckets(params, self.cfg["bucket_mb"] << 20)
+        self.pack_buffers = None
         return self.plan
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> int:
@@ -268,13 +270,17 @@ class LearnerWorker:
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         named = dict(self._named_params())
+        if self.rank == 0 and self.pack_buffers is None:
+            self.pack_buffers = weight_sync.PackBuffers(self.plan, self._dev)
         for bucket in self.plan:
             params = [named[t.name] for t in bucket.tensors]
             ctx = GatheredParameters(params) if self.zero3 else contextlib.nullcontext()
             with ctx, torch.no_grad():
-                flat = weight_sync.pack(bucket, {t.name: named[t.name].data for t in bucket.tensors}, self._dev) \
-                    if self.rank == 0 else None
-                yield flat
+                if self.rank != 0:
+                    yield None
+                    continue
+                yield weight_sync.pack(bucket, {t.name: named[t.name].data for t in bucket.tensors}, self._dev,
+                                       out=self.pack_buffers.next(bucket))
 
     def broadcast_weights(self, version: int) -> dict:
         start = time.perf_counter()

@@ -115,14 +115,23 @@ def open_group(backend: str, host: str, port: int, world_size: int, rank: int, t
     return WeightGroup(pg, store, rank, world_size)
 
 
-def _broadcast(group: WeightGroup, tensor: torch.Tensor) -> None:
+def _start(group: WeightGroup, tensor: torch.Tensor):
+    """Issue a broadcast from rank 0 without waiting (gloo and NCCL both progress it in the background)."""
     opts = dist.BroadcastOptions()
     opts.rootRank, opts.rootTensor = 0, 0
+    return group.pg.broadcast([tensor], opts)
+
+
+def _wait(group: WeightGroup, work, numel: int) -> None:
     try:
-        group.pg.broadcast([tensor], opts).wait()
+        work.wait()
     except RuntimeError as err:
-        raise TimeoutError(f"weight broadcast failed on rank {group.rank}/{group.world_size} ({tensor.numel()} "
-                           f"elements): a peer is missing, stopped, or did not enter this sync in time ({err})") from err
+        raise TimeoutError(f"weight broadcast failed on rank {group.rank}/{group.world_size} ({numel} elements): a "
+                           f"peer is missing, stopped, or did not enter this sync in time ({err})") from err
+
+
+def _broadcast(group: WeightGroup, tensor: torch.Tensor) -> None:
+    _wait(group, _start(group, tensor), tensor.numel())
 
 
 def _header(version: int, digest: int, device) -> torch.Tensor:
@@ -130,28 +139,70 @@ def _header(version: int, digest: int, device) -> torch.Tensor:
 
 
 def send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: Iterable[torch.Tensor], device) -> int:
-    """Sender side: the header, then each flat bucket (produced lazily, e.g. gathered under ZeRO-3)."""
+    """Sender side: the header, then each flat bucket. Buckets are produced lazily (packed, or gathered under
+    ZeRO-3), and bucket k+1 is produced while bucket k is on the wire.
+
+    On CPU the packing runs on one thread: a memcpy gains little from more, and idle OpenMP threads spinning after
+    each copy would take cores from the receivers loading the previous bucket (measured: 2× slower syncs on 2 cores).
+    """
+    threads = torch.get_num_threads()
+    if str(device) == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _send(group, plan, version, flat_buckets, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: Iterable[torch.Tensor], device) -> int:
     _broadcast(group, _header(version, plan_digest(plan), device))
-    sent = 0
+    sent, in_flight = 0, None
     for bucket, flat in zip(plan, flat_buckets, strict=True):
         if flat.numel() != bucket.numel or str(flat.dtype).removeprefix("torch.") != bucket.dtype:
             raise ValueError(f"bucket mismatch: planned {bucket.numel} {bucket.dtype}, got {flat.numel()} {flat.dtype}")
-        _broadcast(group, flat)
+        work = _start(group, flat)
+        if in_flight is not None:
+            _wait(group, in_flight[0], in_flight[1].numel())
+        in_flight = (work, flat)  # the buffer stays referenced until its broadcast is done
         sent += flat.numel() * flat.element_size()
+    if in_flight is not None:
+        _wait(group, in_flight[0], in_flight[1].numel())
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     return sent
 
 
-def pack(bucket: Bucket, tensors_by_name: dict[str, torch.Tensor], device) -> torch.Tensor:
-    flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
+class PackBuffers:
+    """Two rotating send buffers per dtype, reused across syncs: while one is on the wire the next bucket is
+    packed into the other, and no sync pays for fresh allocations."""
+
+    def __init__(self, plan: list[Bucket], device):
+        self.buffers = {}
+        for dtype in {b.dtype for b in plan}:
+            size = max(b.numel for b in plan if b.dtype == dtype)
+            self.buffers[dtype] = [torch.empty(size, dtype=getattr(torch, dtype), device=device) for _ in range(2)]
+        self.turn = 0
+
+    def next(self, bucket: Bucket) -> torch.Tensor:
+        self.turn ^= 1
+        return self.buffers[bucket.dtype][self.turn][:bucket.numel]
+
+
+def pack(bucket: Bucket, tensors_by_name: dict[str, torch.Tensor], device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy a bucket's tensors into one flat buffer (`out`, e.g. from PackBuffers, or a fresh one)."""
+    flat = out if out is not None else torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
     for spec in bucket.tensors:
         flat[spec.offset:spec.offset + spec.numel].copy_(tensors_by_name[spec.name].reshape(-1))
     return flat
 
 
-def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver side: check the header, then yield (name, tensor) views of each bucket as it arrives."""
+def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None,
+            buffers: list[torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: check the header, then yield (name, tensor) views of each bucket as it arrives.
+
+    `buffers` (one per bucket, e.g. from the previous sync) are reused when given; within a sync every bucket has
+    its own buffer, because the loader may hold views of earlier buckets until a layer is complete.
+    """
     header = _header(0, 0, device)
     _broadcast(group, header)
     magic, version, digest = (int(x) for x in header.tolist())
@@ -160,8 +211,16 @@ def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int 
                            f"plan differs from this engine's; were they built from the same model?")
     if expect_version is not None and version != expect_version:
         raise RuntimeError(f"weight sync: sender sent version {version}, engine expected {expect_version}")
-    for bucket in plan:
-        flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
-        _broadcast(group, flat)
+
+    def start(k: int):
+        flat = buffers[k] if buffers else torch.empty(plan[k].numel, dtype=getattr(torch, plan[k].dtype), device=device)
+        return flat, _start(group, flat)
+
+    # Bucket k+1 is on the wire while the caller loads bucket k.
+    pending = start(0) if plan else None
+    for k, bucket in enumerate(plan):
+        flat, work = pending
+        _wait(group, work, bucket.numel)
+        pending = start(k + 1) if k + 1 < len(plan) else None
         for spec in bucket.tensors:
             yield spec.name, flat[spec.offset:spec.offset + spec.numel].view(spec.shape)

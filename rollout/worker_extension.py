@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from rollout import weight_sync
 
 
@@ -20,11 +22,15 @@ class WeightReceiver:
         rank = rank_offset + get_tensor_model_parallel_rank()
         self._rlvr_group = weight_sync.open_group(backend, host, port, world_size, rank, timeout_s)
         self._rlvr_plan = plan
+        # One receive buffer per bucket, kept across syncs: a sync then costs no allocation or page faults. On GPU
+        # this is a copy of the weights outside vLLM's memory budget (rollout.gpu_memory_utilization leaves room).
+        self._rlvr_buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=self.device) for b in plan]
         return rank
 
     def rlvr_receive_weights(self, version: int) -> float:
         start = time.perf_counter()
-        stream = weight_sync.receive(self._rlvr_group, self._rlvr_plan, self.device, expect_version=version)
+        stream = weight_sync.receive(self._rlvr_group, self._rlvr_plan, self.device, expect_version=version,
+                                     buffers=self._rlvr_buffers)
         self.reload_weights(weights_iterator=stream)
         model = self.model_runner.get_model()
         tied = getattr(self.model_config.hf_text_config, "tie_word_embeddings", False)

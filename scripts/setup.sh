@@ -18,7 +18,8 @@ say() { echo "[setup] $*"; }
 start=$(date +%s)
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required, found " + sys.version' 
 [ -x "$VENV/bin/python" ] || { say "creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# This machine's pip config lists index folders that may be absent; drop those warnings, keep everything else.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install -q --upgrade "pip>=24" setuptools wheel
 
 if [ "$DEVICE" = gpu ]; then
