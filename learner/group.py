@@ -38,7 +38,7 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
 def reduce_metrics(per_rank: list[dict]) -> dict:
     """Sums from every rank → batch metrics (means per token unless named otherwise)."""
     tot = {k: sum(m[k] for m in per_rank) for k in ("tokens", "seqs", "loss", "clipped_tokens", "ratio_sum",
-                                                    "kl_sum", "entropy_sum", "mismatch_sum")}
+                                                    "kl_sum", "entropy_sum", "mismatch_sum", "mismatch_tokens")}
     n = max(tot["tokens"], 1.0)
     first = per_rank[0]
     steps = max(first["steps"], 1)
@@ -50,7 +50,7 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
         "ratio_min": min(m["ratio_min"] for m in per_rank),
         "kl": tot["kl_sum"] / n,
         "entropy": tot["entropy_sum"] / n,
-        "logprob_mismatch": tot["mismatch_sum"] / n,  # mean |learner − vLLM| logprob before the update
+        "logprob_mismatch": tot["mismatch_sum"] / max(tot["mismatch_tokens"], 1.0),  # mean |learner − vLLM| logprob
         "grad_norm": first["grad_norm"],
         "lr": first["lr"],
         "optimizer_steps": first["steps"],

@@ -173,7 +173,8 @@ class LearnerWorker:
         mbs = self.cfg["micro_batch_size"]
         recompute = self.grpo["old_logprobs"] == "learner" and len(shard.minibatches) > 1
         m = dict(tokens=0.0, seqs=0.0, loss=0.0, clipped_tokens=0.0, ratio_sum=0.0, ratio_max=0.0,
-                 ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, nonfinite_microbatches=0,
+                 ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, mismatch_tokens=0.0,
+                 nonfinite_microbatches=0,
                  skipped_steps=0, steps=0)
         start = time.perf_counter()
         self.engine.train()
@@ -224,9 +225,11 @@ class LearnerWorker:
                     m["ratio_min"] = min(m["ratio_min"], float(stats["ratio_min"]))
                 m["kl_sum"] += float(stats.get("kl_sum", 0.0))
                 m["entropy_sum"] += float((grpo.entropy(logits, temperature) * mask).sum())
-                if k == 0:  # before any update: learner vs vLLM logprobs of the same tokens
-                    pre = old_by_mb[0][j] if recompute else lp.detach()
+                # Learner vs vLLM logprobs of the same tokens, under the weights that sampled them (pre-update).
+                pre = old_by_mb[k][j] if recompute else (lp.detach() if k == 0 else None)
+                if pre is not None:
                     m["mismatch_sum"] += float(((pre - batch["vllm_lp"]).abs() * mask).sum())
+                    m["mismatch_tokens"] += n_tok
                 del logits, lp
             if backward_done:
                 self.engine.step()

