@@ -48,7 +48,9 @@ class FewShot(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = "auto"  # auto (hub, else offline) | hub | offline | a folder or file with train/test rows
+    # auto: the offline copy when its wheel is installed (identical rows, no network wait), else the hub;
+    # or hub | offline | a folder holding {train,test}.jsonl or .parquet
+    source: str = "auto"
     prompt_template: str = REFERENCE_PROMPT  # must contain {prompt}
     chat_template: bool = False  # wrap the filled template in the tokenizer's chat template as a user turn
     system_prompt: str | None = None  # only with chat_template

@@ -106,10 +106,13 @@ def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
         for key in ("accuracy", "format_rate", "completion_len"):
             lines.append(f"  {key:<11} first {k} steps {mean_of(train[:k], key):.3f}  →  last {k} "
                          f"{mean_of(train[-k:], key):.3f}")
-        times = {t: mean_of(train, f"time/{t}") for t in ("generate", "reward", "train", "broadcast", "other")}
+        # Mean over all steps; a phase a step did not run (no update, no eval) counts as 0 s.
+        times = {t: sum(r.get(f"time/{t}", 0.0) for r in train) / len(train)
+                 for t in ("generate", "reward", "train", "broadcast", "eval", "checkpoint", "other")}
         step_s = mean_of(train, "time/step")
+        outside = step_s - times["generate"] - times["train"] - times["broadcast"]
         lines.append("  step time   " + "  ".join(f"{t} {v:.1f}s" for t, v in times.items()) +
-                     f"  (total {step_s:.1f}s, other {100 * times['other'] / step_s:.0f}%)")
+                     f"  (mean step {step_s:.1f}s; outside generate/train/broadcast {100 * outside / step_s:.1f}%)")
     if evals:
         lines.append("  eval (greedy, strict <answer> tag): " + ",  ".join(
             f"step {r['step']}: accuracy {r['eval/accuracy']:.3f} format {r['eval/format_rate']:.3f}" for r in evals))
