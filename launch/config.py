@@ -128,8 +128,8 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     every: int = Field(25, ge=0)  # 0 = never
     at_start: bool = True
-    num_examples: int | None = None  # None = all 1319 GSM8K test questions
-    max_tokens: int | None = None  # default rollout.max_tokens
+    num_examples: int | None = Field(None, ge=1)  # None = all 1319 GSM8K test questions
+    max_tokens: int | None = Field(None, ge=1)  # default rollout.max_tokens
 
 
 class CkptConfig(_Strict):
@@ -173,7 +173,9 @@ class Config(_Strict):
 
     @property
     def max_model_len(self) -> int:
-        return self.rollout.max_model_len or self.data.max_prompt_tokens + self.rollout.max_tokens
+        """The engines' window: the longest prompt plus the longest completion, training or evaluation."""
+        longest = max(self.rollout.max_tokens, self.eval.max_tokens or 0)
+        return self.rollout.max_model_len or self.data.max_prompt_tokens + longest
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Example:
-    idx: int  # the row's index in its split: the stable id used by resume checks and logs
+    idx: int  # the row's index in its split: a stable id (metrics.jsonl logs each step's `batch_ids` with it)
     question: str
     gold: str
 

@@ -29,14 +29,18 @@ def default_preset() -> str:
     return GPU_PRESET if torch.cuda.is_available() else CPU_PRESET
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"a preset in configs/ or a YAML path (default: {CPU_PRESET} without a GPU, "
+                                    f"{GPU_PRESET} with one)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="fail unless a checkpoint to resume from exists")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"a preset in configs/ or a YAML path (default: {CPU_PRESET} without a GPU, "
-                                         f"{GPU_PRESET} with one)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--resume", action="store_true", help="fail unless a checkpoint to resume from exists")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[rlvr] %(message)s", stream=sys.stdout, force=True)
     preset = args.config or default_preset()
     try:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg)
-    except (ClusterTooSmall, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, ClusterTooSmall, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

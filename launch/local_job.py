@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -71,13 +72,20 @@ class LocalHead:
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.address,
                "--submission-id", job_id, "--working-dir", str(working_dir), "--", *entrypoint]
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(timeout_s, proc.kill) if timeout_s else None  # the log stream blocks reads
+        if watchdog:
+            watchdog.start()
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if stream is not None:
                 stream.write(line)
                 stream.flush()
-        proc.wait(timeout=timeout_s)
+        proc.wait()
+        if watchdog:
+            watchdog.cancel()
+            if proc.returncode < 0:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f}s")
         text = "".join(lines)
         if proc.returncode == 0:  # the CLI exits 0 only when the job succeeded
             return 0, text
@@ -128,14 +136,15 @@ def _group_alive(pgid: int) -> bool:
 
 def absolute_output_dir(argv: list[str]) -> list[str]:
     """A relative train.output_dir would land in the job's unpacked copy of the working dir: anchor it here."""
-    if any(a.startswith("train.output_dir=") for a in argv) or "--dry-run" in argv or "-h" in argv or "--help" in argv:
-        return argv
     from launch.config import load_config
-    from launch.gsm8k import default_preset
+    from launch.gsm8k import default_preset, parser
 
-    preset = argv[argv.index("--config") + 1] if "--config" in argv else default_preset()
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    out = Path(load_config(preset, overrides).train.output_dir)
+    if "-h" in argv or "--help" in argv:
+        return argv
+    args = parser().parse_args(argv)
+    if args.dry_run or any(o.startswith("train.output_dir=") for o in args.overrides):
+        return argv
+    out = Path(load_config(args.config or default_preset(), args.overrides).train.output_dir)
     return argv if out.is_absolute() else [*argv, f"train.output_dir={Path.cwd() / out}"]
 
 

@@ -108,6 +108,13 @@ BUILTINS = {
 }
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` → bfloat16 on GPU, float32 on CPU (bf16 matmuls are ~4× slower on AVX2)."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
 def resolve_model(path: str) -> str:
     """A path or hub id that transformers and vLLM accept; built-ins are built on first use."""
     if path.startswith("builtin:"):

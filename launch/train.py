@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from launch import checkpoint
 from launch.cluster import WeightChannel, connect, detect_device, place
-from launch.config import Config, dump_config
+from launch.config import Config, ConfigError, dump_config
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
 from launch.models import resolve_model
@@ -53,14 +52,21 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, PromptSet]:
     train_ex, train_ids, _ = encode_prompts(load_gsm8k("train", cfg.data.source), cfg.data, tokenizer)
     test_ex = load_gsm8k("test", cfg.data.source)[: cfg.eval.num_examples]
     test_ex, test_ids, _ = encode_prompts(test_ex, cfg.data, tokenizer)
+    for split, ids in (("train", train_ids), ("test", test_ids)):
+        if not ids:
+            raise ConfigError(f"no GSM8K {split} prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
     return PromptSet(train_ex, train_ids), PromptSet(test_ex, test_ids)
 
 
 def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward) -> tuple[torch.Tensor, dict]:
-    """Rewards [prompts, n] and per-sample details (each reward, strict accuracy, format)."""
+    """Rewards [prompts, n] and per-sample details (each reward, strict accuracy, format). Prompts the engine
+    dropped (past its window) get zero rewards here and are left out of the details and of the batch."""
     totals, details = [], {"accuracy": [], "format_rate": [], **{f"reward/{k}": [] for k in reward.weights}}
     for samples, gold in zip(groups, golds):
         row = []
+        if samples[0].finish_reason == "dropped":
+            totals.append([0.0] * len(samples))
+            continue
         for s in samples:
             total, parts = reward(s.text, gold)
             row.append(total)
@@ -97,9 +103,11 @@ def evaluate(engines: EngineGroup, test: PromptSet, cfg: Config) -> dict:
 
 
 def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, version) -> dict:
+    live = torch.tensor([g[0].finish_reason != "dropped" for g in groups])
     flat = [s for g in groups for s in g if s.finish_reason != "dropped"]
     lengths = [len(s.completion_ids) for s in flat] or [0]
-    row = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+    kept = rewards[live] if live.any() else torch.zeros(1, 1, dtype=rewards.dtype)
+    row = {"reward": float(kept.mean()), "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
            **{k: sum(v) / max(len(v), 1) for k, v in details.items()},
            "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
            "truncated_frac": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
@@ -141,16 +149,15 @@ def train(cfg: Config) -> dict:
     model_path = resolve_model(cfg.model.path)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set, test_set = load_prompts(cfg, tokenizer)
-    random.seed(cfg.train.seed)
+    # Actors start in the background (each resolves the model name on its own node) while prompts are tokenized.
+    engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len, dtype=cfg.model.dtype,
+                          seed=cfg.train.seed, placement_group=rollout_pg)
+    learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
+                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg)
+    train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))
     log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval prompts; "
              f"{cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
              f"{cfg.rollout.tensor_parallel_size}")
-    engines = EngineGroup(model_path, device, cfg.rollout, max_model_len=cfg.max_model_len, dtype=cfg.model.dtype,
-                          seed=cfg.train.seed, placement_group=rollout_pg)
-    learners = LearnerGroup(model_path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg)
     engines.ready(), learners.ready()
     channel = WeightChannel(learners, engines, device, cfg.learner.broadcast_timeout_s)
     log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(channel.plan)} bucket(s), "
@@ -160,6 +167,10 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         learners.load(str(resume_from))
         state = checkpoint.read_state(resume_from)
+        if state["order"]["size"] != len(train_set.ids):
+            raise ConfigError(f"{resume_from} was made with {state['order']['size']} training prompts, this run has "
+                             f"{len(train_set.ids)} (data.source / max_prompt_tokens / model changed?): its data order "
+                             "cannot continue; use a new train.output_dir")
         start, order = state["step"], PromptOrder.from_state(state["order"])
         channel.sync(start)  # engines start from the base model; give them the checkpoint's weights
         log.info(f"resumed from {resume_from} at step {start} (data epoch {order.epoch}, position {order.position})")
@@ -195,7 +206,7 @@ def train(cfg: Config) -> dict:
             with timer("checkpoint"):
                 save(learners, cfg, out, step, order)
         row.update(timer.report())
-        metrics.log(step, row, extra={"batch_ids": batch_ids})                              # 7. log
+        metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in batch_ids]})  # 7. log
         print(progress.line(step) + "\n  " + format_row(step, row), flush=True)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
             print(format_sample(train_set.examples[batch_ids[0]], groups[0][0], rewards[0, 0].item()), flush=True)
@@ -205,7 +216,7 @@ def train(cfg: Config) -> dict:
     metrics.close()
 
     if cfg.ckpt.export_hf and step == cfg.train.steps:
-        learners.export_hf(str(out / "final_model"), model_path)
+        learners.export_hf(str(out / "final_model"))
     rows = read_jsonl(metrics.path)
     plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on GSM8K ({device})")
     text = summary(rows, out, time.time() - wall)

@@ -20,8 +20,8 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
     """
     if not samples:
         raise ValueError("make_shards: no samples")
-    minibatches = min(minibatches, len(samples))
-    size = math.ceil(len(samples) / minibatches)
+    size = math.ceil(len(samples) / min(minibatches, len(samples)))
+    minibatches = math.ceil(len(samples) / size)  # e.g. 9 samples in 4 asks → 3 of 3, never an empty one
     per_rank: list[list[list[TrainSample]]] = [[] for _ in range(world_size)]
     tokens, seqs, micro = [], [], []
     for k in range(minibatches):
@@ -63,7 +63,7 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
 
 class LearnerGroup:
     def __init__(self, model: str, device: str, cfg, grpo_cfg, *, total_steps: int, dtype: str = "auto",
-                 seed: int = 0, placement_group=None, bundle_offset: int = 0):
+                 seed: int = 0, placement_group=None):
         self.cfg, self.device = cfg, device
         n = cfg.num_workers
         actor = ray.remote(LearnerWorker)
@@ -71,7 +71,7 @@ class LearnerGroup:
         self.workers = []
         for r in range(n):
             strategy = None if placement_group is None else PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=bundle_offset + r)
+                placement_group, placement_group_bundle_index=r)
             self.workers.append(actor.options(
                 num_cpus=cfg.cpus_per_worker, num_gpus=1 if device == "cuda" else 0, scheduling_strategy=strategy,
                 runtime_env={"env_vars": worker_env(device, threads)},
@@ -110,8 +110,8 @@ class LearnerGroup:
     def load(self, path: str) -> None:
         ray.get([w.load.remote(path) for w in self.workers])
 
-    def export_hf(self, path: str, tokenizer_from: str) -> str:
-        return ray.get([w.export_hf.remote(path, tokenizer_from) for w in self.workers])[0]
+    def export_hf(self, path: str) -> str:
+        return ray.get([w.export_hf.remote(path) for w in self.workers])[0]
 
     def full_state_dict(self) -> dict:
         return ray.get([w.full_state_dict.remote() for w in self.workers])[0]

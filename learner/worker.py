@@ -61,6 +61,10 @@ class LearnerWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        from launch.models import resolve_dtype, resolve_model
+
+        model_path = resolve_model(model_path)  # built-ins are made on this node if absent
+
         self.device, self.cfg, self.grpo = device, cfg, grpo_cfg
         if device == "cpu":
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -69,7 +73,8 @@ class LearnerWorker:
         else:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
         deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False)
-        self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and device == "cuda")) else torch.float32
+        self.dtype = getattr(torch, resolve_dtype(dtype, device))
+        self.model_path = model_path
 
         random.seed(seed + self.rank)
         torch.manual_seed(seed + self.rank)
@@ -170,27 +175,26 @@ class LearnerWorker:
         """One rollout batch: for each minibatch, forward/backward over its micro-batches, then one optimizer step.
         Returns sums (to be added across ranks) and per-step values."""
         temperature, agg = shard.temperature, self.grpo["loss_agg"]
-        mbs = self.cfg["micro_batch_size"]
         recompute = self.grpo["old_logprobs"] == "learner" and len(shard.minibatches) > 1
         m = dict(tokens=0.0, seqs=0.0, loss=0.0, clipped_tokens=0.0, ratio_sum=0.0, ratio_max=0.0,
                  ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, mismatch_tokens=0.0,
                  nonfinite_microbatches=0,
                  skipped_steps=0, steps=0)
         start = time.perf_counter()
+        lr = self.engine.get_lr()[0]  # the LR this batch's first step uses (step() advances the schedule)
         self.engine.train()
         # Old logprobs. With one minibatch the policy before the update is the one of the first forward, so the
         # detached logprobs of that forward are the recomputed old logprobs; with several, a no-grad pass first.
+        micro_by_mb = [self._chunks(samples, shard.micro_batches[k]) for k, samples in enumerate(shard.minibatches)]
         old_by_mb: list[list] = []
-        for k, samples in enumerate(shard.minibatches):
-            micro = self._chunks(samples, shard.micro_batches[k])
+        for micro in micro_by_mb:
             old_by_mb.append([None] * len(micro))
             if recompute:
                 with torch.no_grad():
                     for j, mb in enumerate(micro):
                         batch = self._collate(mb)
-                        old_by_mb[k][j] = self._completion_logprobs(self.engine, batch, temperature)[0]
-        for k, samples in enumerate(shard.minibatches):
-            micro = self._chunks(samples, shard.micro_batches[k])
+                        old_by_mb[-1][j] = self._completion_logprobs(self.engine, batch, temperature)[0]
+        for k, micro in enumerate(micro_by_mb):
             tokens_total = shard.global_tokens[k] if agg == "token_mean" else shard.global_seqs[k]
             backward_done = False
             for j, mb in enumerate(micro):
@@ -244,9 +248,9 @@ class LearnerWorker:
                     f"{self.cfg['max_nonfinite_steps']}); lower learner.lr, check the rewards for NaN, or use float32")
         else:
             self.nonfinite_streak = 0
-        norm = self.engine.get_global_grad_norm()
-        m.update(grad_norm=float(norm) if norm is not None else float("nan"), lr=self.engine.get_lr()[0],
-                 train_seconds=time.perf_counter() - start, mbs=mbs)
+        norm = self.engine.get_global_grad_norm() if m["steps"] else None
+        m.update(grad_norm=float(norm) if norm is not None else float("nan"), lr=lr,
+                 train_seconds=time.perf_counter() - start)
         return m
 
     # ---- weights out -------------------------------------------------------------------------------------------
@@ -305,24 +309,26 @@ class LearnerWorker:
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        """DeepSpeed's checkpoint of this rank (model, optimizer, LR schedule) plus this rank's RNG states."""
-        state = {"rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state() if self.device == "cuda" else None},
-                 "nonfinite_streak": self.nonfinite_streak}
-        self.engine.save_checkpoint(path, tag="deepspeed", client_state=state, save_latest=False)
+        """DeepSpeed's checkpoint (model, optimizer, LR schedule; every rank writes its shards) plus this rank's RNG
+        states in a file of its own (DeepSpeed's client state is written by data-parallel rank 0 only)."""
+        self.engine.save_checkpoint(path, tag="deepspeed", save_latest=False)
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+                    "nonfinite_streak": self.nonfinite_streak}, f"{path}/rng_rank{self.rank}.pt")
 
     def load(self, path: str) -> None:
-        _, state = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-        if state is None:
+        loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        state = torch.load(f"{path}/rng_rank{self.rank}.pt", weights_only=False)
+        random.setstate(state["python"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+        self.nonfinite_streak = state["nonfinite_streak"]
 
-    def export_hf(self, path: str, tokenizer_from: str) -> str | None:
+    def export_hf(self, path: str) -> str | None:
         """A folder that transformers and vLLM load directly (safetensors, config, tokenizer)."""
         from transformers import AutoTokenizer
 
@@ -331,5 +337,5 @@ class LearnerWorker:
             return None
         module = self.engine.module
         module.save_pretrained(path, state_dict={k: v.to(self.dtype) for k, v in sd.items()}, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return path

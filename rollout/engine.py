@@ -30,10 +30,11 @@ class RolloutEngine:
                  enforce_eager: bool = False, overlong_prompt: str = "drop", seed: int = 0, engine_index: int = 0):
         from vllm import LLM
 
+        from launch.models import resolve_dtype, resolve_model
+
         if device == "cpu" and tensor_parallel_size != 1:
             raise ValueError("rollout.tensor_parallel_size must be 1 on CPU")
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        model, dtype = resolve_model(model), resolve_dtype(dtype, device)  # built-ins are made on this node if absent
         kwargs = dict(
             model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
             seed=seed + engine_index, logprobs_mode="processed_logprobs", enable_prefix_caching=True,

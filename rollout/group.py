@@ -23,14 +23,14 @@ def split_balanced(costs: list[int], parts: int) -> list[list[int]]:
 
 class EngineGroup:
     def __init__(self, model: str, device: str, cfg, *, max_model_len: int, dtype: str = "auto", seed: int = 0,
-                 placement_group=None, bundle_offset: int = 0):
+                 placement_group=None):
         self.cfg, self.device = cfg, device
         threads = cfg.threads or cfg.cpus_per_engine
         actor = ray.remote(RolloutEngine)
         self.engines = []
         for i in range(cfg.num_engines):
             strategy = None if placement_group is None else PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=bundle_offset + i)
+                placement_group, placement_group_bundle_index=i)
             self.engines.append(actor.options(
                 num_cpus=cfg.cpus_per_engine, num_gpus=cfg.tensor_parallel_size if device == "cuda" else 0,
                 scheduling_strategy=strategy, runtime_env={"env_vars": engine_env(device, threads)},

@@ -1,7 +1,7 @@
 """The records that travel from the engines to the driver and on to the learner: defined once, used by both."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -41,4 +41,3 @@ class TrainShard:
     global_seqs: list[int]  # sequences in each minibatch, all ranks together
     micro_batches: list[int]  # forward/backward passes every rank makes per minibatch (padded with empty ones)
     temperature: float = 1.0
-    extra: dict = field(default_factory=dict)

@@ -6,8 +6,9 @@ Both sides import this module, so they cannot drift:
 - the plan (which tensor sits where in which flat bucket) is made once by the sender from the HF parameter names
   and handed to each receiver when the group opens; a sync then broadcasts a 3-int header
   (magic, version, plan digest) followed by the flat buckets, in plan order;
-- every side enters a collective from the same driver call, and every wait is bounded by the group's timeout,
-  so a missing peer raises instead of hanging.
+- every side enters a collective from the same driver call. With gloo every wait is bounded by the group's
+  timeout, so a missing peer raises instead of hanging; with NCCL a stuck collective is ended by NCCL's watchdog
+  after the same timeout (the process aborts rather than raising), and the rendezvous is bounded either way.
 """
 from __future__ import annotations
 
@@ -112,7 +113,11 @@ def open_group(backend: str, host: str, port: int, world_size: int, rank: int, t
         pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
     else:
         raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
-    return WeightGroup(pg, store, rank, world_size)
+    group = WeightGroup(pg, store, rank, world_size)
+    # One tiny broadcast while every member is known to be here: NCCL creates its communicator lazily, so a
+    # transport problem shows up now, at open, rather than in the middle of training.
+    _broadcast(group, torch.zeros(1, device="cuda" if backend == "nccl" else "cpu"))
+    return group
 
 
 def _start(group: WeightGroup, tensor: torch.Tensor):
@@ -167,7 +172,7 @@ def _send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: It
         sent += flat.numel() * flat.element_size()
     if in_flight is not None:
         _wait(group, in_flight[0], in_flight[1].numel())
-    if device != "cpu" and torch.cuda.is_available():
+    if str(device) != "cpu":
         torch.cuda.synchronize()
     return sent
 

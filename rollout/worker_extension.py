@@ -40,6 +40,3 @@ class WeightReceiver:
 
             dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
         return time.perf_counter() - start
-
-    def rlvr_close_weight_group(self) -> None:
-        self._rlvr_group = None

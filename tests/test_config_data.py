@@ -68,6 +68,25 @@ def test_bad_config_names_the_key(override, needle):
     assert needle in str(err.value)
 
 
+def test_engine_window_covers_training_and_eval():
+    cfg = load_config("toy_tiny_cpu.yaml", ["data.max_prompt_tokens=100", "rollout.max_tokens=16"])
+    assert cfg.max_model_len == 116
+    assert load_config("toy_tiny_cpu.yaml", ["data.max_prompt_tokens=100", "rollout.max_tokens=16",
+                                             "eval.max_tokens=64"]).max_model_len == 164
+    with pytest.raises(ConfigError, match="eval.num_examples"):
+        load_config("toy_tiny_cpu.yaml", ["eval.num_examples=0"])
+
+
+@pytest.mark.parametrize("argv", [["--config=toy_tiny_cpu.yaml"], ["--config", "toy_tiny_cpu.yaml", "rollout.n=4"]])
+def test_local_job_anchors_relative_output_dir(argv, monkeypatch, tmp_path):
+    from launch.local_job import absolute_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_output_dir(argv) == [*argv, f"train.output_dir={tmp_path / 'runs' / 'toy'}"]
+    kept = [*argv, "train.output_dir=/elsewhere"]
+    assert absolute_output_dir(kept) == kept
+
+
 def test_missing_preset_and_inherit(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

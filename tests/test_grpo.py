@@ -168,6 +168,12 @@ def test_make_shards_minibatches_and_empty_ranks():
         make_shards([], 1, 1, 1, 1.0)
 
 
+def test_make_shards_never_makes_an_empty_minibatch():
+    samples = [_sample(2, 3) for _ in range(9)]
+    shards = make_shards(samples, world_size=2, micro_batch_size=4, minibatches=4, temperature=1.0)
+    assert shards[0].global_seqs == [3, 3, 3]  # 4 asked, 3 non-empty ones: no optimizer step on zero gradients
+
+
 def test_reduce_metrics_weights_by_tokens():
     base = dict(seqs=1, loss=0.0, kl_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
                 lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0)
