@@ -51,6 +51,16 @@ class FlatPeer:
         return time.perf_counter() - start
 
 
+def open_beside(peer_refs: list, host: str, port: int, world: int, rank: int):
+    """Open this process's side of a weight group while Ray actors join theirs (every member must enter together)."""
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("g", weight_sync.open_group("gloo", host, port, world, rank, 120)))
+    t.start()
+    ray.get(peer_refs)
+    t.join()
+    return box["g"]
+
+
 def raw_broadcast_seconds(numel: int, repeats: int = 3, driver_sends: bool = True, fresh: bool = False) -> float:
     """Fastest of `repeats` single flat fp32 broadcasts between this process and a plain actor.
 
@@ -61,11 +71,7 @@ def raw_broadcast_seconds(numel: int, repeats: int = 3, driver_sends: bool = Tru
     peer = FlatPeer.remote()
     host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
     me, other = (0, 1) if driver_sends else (1, 0)
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("g", weight_sync.open_group("gloo", host, port, 2, me, 120)))
-    t.start()
-    ray.get(peer.join.remote(host, port, 2, other))
-    t.join()
+    group = open_beside([peer.join.remote(host, port, 2, other)], host, port, 2, me)
     times = []
     flat = torch.ones(numel)  # reused and already touched, as the peer's
     for _ in range(repeats + 1):  # the first round warms up the connection
@@ -73,7 +79,7 @@ def raw_broadcast_seconds(numel: int, repeats: int = 3, driver_sends: bool = Tru
         if fresh and me == 1:
             flat = torch.empty(numel)
         start = time.perf_counter()
-        weight_sync._broadcast(box["g"], flat)
+        weight_sync._broadcast(group, flat)
         ray.get(ref)
         times.append(time.perf_counter() - start)
     ray.kill(peer)

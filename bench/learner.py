@@ -5,7 +5,6 @@ between the same kind of processes.
     .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32]
 """
 import argparse
-import threading
 import time
 
 import common
@@ -54,17 +53,13 @@ def main() -> None:
     plan = learners.weight_plan()
     nbytes = sum(b.nbytes for b in plan)
     host, port = learners.sender_address()
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("g", weight_sync.open_group("gloo", host, port, 2, 1, 120)))
-    t.start()
-    ray.get(learners.open_weight_group("gloo", host, port, 2, 120))
-    t.join()
+    group = common.open_beside(learners.open_weight_group("gloo", host, port, 2, 120), host, port, 2, 1)
     buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype)) for b in plan]
     times = []
     for version in range(1, args.steps + 3):
         start = time.perf_counter()
         refs = learners.broadcast_weights(version)
-        for _ in weight_sync.receive(box["g"], plan, "cpu", expect_version=version, buffers=buffers):
+        for _ in weight_sync.receive(group, plan, "cpu", expect_version=version, buffers=buffers):
             pass
         ray.get(refs)
         times.append(time.perf_counter() - start)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import common
@@ -92,17 +91,13 @@ def main() -> None:
     plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in named.items()], args.bucket_mb << 20)
     nbytes = sum(b.nbytes for b in plan)
     host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("g", weight_sync.open_group("gloo", host, port, 2, 0, 120)))
-    t.start()
-    ray.get(engines.open_weight_group("gloo", host, port, 2, 120, plan))
-    t.join()
+    group = common.open_beside(engines.open_weight_group("gloo", host, port, 2, 120, plan), host, port, 2, 0)
     buffers = weight_sync.PackBuffers(plan, "cpu")  # what the learner's rank 0 does
     sync_times, inner = [], []
     for version in range(1, args.rounds + 3):  # the first two syncs warm up allocations
         start = time.perf_counter()
         refs = engines.receive_weights(version)
-        weight_sync.send(box["g"], plan, version,
+        weight_sync.send(group, plan, version,
                          (weight_sync.pack(b, named, "cpu", out=buffers.next(b)) for b in plan), "cpu")
         inner.append(ray.get(refs)[0])
         sync_times.append(time.perf_counter() - start)
