@@ -104,9 +104,10 @@ class RolloutEngine:
         return self.llm.collective_rpc("rlvr_open_weight_group",
                                        args=(backend, host, port, world_size, rank_offset, timeout_s, plan))
 
-    def receive_weights(self, version: int) -> float:
-        """Join the broadcast of `version`, load it in place, drop the prefix cache. Returns seconds."""
-        seconds = max(self.llm.collective_rpc("rlvr_receive_weights", args=(version,)))
+    def receive_weights(self, version: int) -> dict[str, float]:
+        """Join the broadcast of `version`, load it in place, drop the prefix cache. Returns the slowest TP
+        worker's timings (see `WeightReceiver.rlvr_receive_weights`)."""
+        timings = max(self.llm.collective_rpc("rlvr_receive_weights", args=(version,)), key=lambda t: t["seconds"])
         self.llm.reset_prefix_cache()
         self.version = version
-        return seconds
+        return timings

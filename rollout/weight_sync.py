@@ -201,9 +201,10 @@ def pack(bucket: Bucket, tensors_by_name: dict[str, torch.Tensor], device, out: 
     return flat
 
 
-def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None,
-            buffers: list[torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver side: check the header, then yield (name, tensor) views of each bucket as it arrives.
+def receive_buckets(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None,
+                    buffers: list[torch.Tensor] | None = None) -> Iterator[tuple[int, list[tuple[str, torch.Tensor]]]]:
+    """Receiver side: check the header, then yield (bucket index, [(name, tensor view), ...]) as each bucket
+    arrives. Bucket k+1 is already on the wire while the caller loads bucket k.
 
     `buffers` (one per bucket, e.g. from the previous sync) are reused when given; within a sync every bucket has
     its own buffer, because the loader may hold views of earlier buckets until a layer is complete.
@@ -221,11 +222,16 @@ def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int 
         flat = buffers[k] if buffers else torch.empty(plan[k].numel, dtype=getattr(torch, plan[k].dtype), device=device)
         return flat, _start(group, flat)
 
-    # Bucket k+1 is on the wire while the caller loads bucket k.
     pending = start(0) if plan else None
     for k, bucket in enumerate(plan):
         flat, work = pending
         _wait(group, work, bucket.numel)
         pending = start(k + 1) if k + 1 < len(plan) else None
-        for spec in bucket.tensors:
-            yield spec.name, flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
+        yield k, [(spec.name, flat[spec.offset:spec.offset + spec.numel].view(spec.shape)) for spec in bucket.tensors]
+
+
+def receive(group: WeightGroup, plan: list[Bucket], device, expect_version: int | None = None,
+            buffers: list[torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`receive_buckets`, one (name, tensor view) at a time."""
+    for _, tensors in receive_buckets(group, plan, device, expect_version, buffers):
+        yield from tensors

