@@ -105,22 +105,28 @@ class WeightReceiver:
         wire, loading (copies into the weights), and repacking (CPU only)."""
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        clock = time.perf_counter
-        start = clock()
+        start = time.perf_counter()
+        seconds = {"wait_seconds": 0.0, "load_seconds": 0.0, "repack_seconds": 0.0}
+        mark = start
+
+        def lap(key: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            seconds[key] += now - mark
+            mark = now
+
         model = self.model_runner.get_model()
         loaded: set[str] = set()
-        wait = load = repack = 0.0
-        mark = start
         for k, tensors in weight_sync.receive_buckets(self._rlvr_group, self._rlvr_plan, self.device,
                                                       expect_version=version, buffers=self._rlvr_buffers):
-            wait, mark = wait + clock() - mark, clock()
+            lap("wait_seconds")
             loaded |= model.load_weights(tensors)
-            load, mark = load + clock() - mark, clock()
+            lap("load_seconds")
             for module in self._rlvr_schedule[k]:
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            repack, mark = repack + clock() - mark, clock()
+            lap("repack_seconds")
         missing = self._rlvr_params - loaded
         if missing:
             raise RuntimeError(f"weight sync v{version} left {len(missing)} engine parameters unloaded, e.g. "
                                f"{sorted(missing)[:3]}: the learner's parameter names do not cover this model")
-        return {"seconds": clock() - start, "wait_seconds": wait, "load_seconds": load, "repack_seconds": repack}
+        return {"seconds": time.perf_counter() - start, **seconds}
