@@ -46,8 +46,21 @@ class Bucket:
 
 
 def plan_buckets(params: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], bucket_bytes: int) -> list[Bucket]:
-    """Pack (name, dtype, shape) into flat buckets of at most `bucket_bytes` (a larger tensor gets its own),
-    keeping the given order within each dtype."""
+    """Pack (name, dtype, shape) into flat buckets of at most `bucket_bytes` (a larger tensor gets its own).
+
+    Within each dtype, tensors keep the given order, except that each block's tensors of one kind sit side by
+    side: `self_attn.{q,k,v,o}_proj.weight`, then `self_attn.{q,k,v}_proj.bias`. Projections that vLLM fuses
+    (q/k/v into qkv_proj, gate/up into gate_up_proj) are then one contiguous run of a bucket, which a CPU engine
+    receives straight into its weights (see `rollout.worker_extension.alias_weights`).
+    """
+    params = list(params)
+    first: dict[tuple[str, ...], int] = {}
+    keys = []
+    for i, (name, _, _) in enumerate(params):
+        module, _, kind = name.rpartition(".")
+        block = module.rpartition(".")[0]
+        keys.append((first.setdefault((block,), i), first.setdefault((block, kind), i), i))
+    params = [p for _, p in sorted(zip(keys, params), key=lambda kp: kp[0])]
     by_dtype: dict[str, list[list[TensorSpec]]] = {}
     fill: dict[str, int] = {}
     for name, dtype, shape in params:

@@ -77,6 +77,39 @@ def repack_schedule(modules: dict[str, torch.nn.Module], plan: list[weight_sync.
     return schedule
 
 
+def alias_weights(model: torch.nn.Module, plan: list[weight_sync.Bucket], buffers: list[torch.Tensor]) -> dict[str, str]:
+    """Point each weight whose bytes form one contiguous run of a receive buffer at that run, so a sync receives
+    it in place with no copy. Returns {Hugging Face name: engine parameter} for the tensors that now need no load.
+
+    A parameter qualifies when its sources (itself by name, or the members vLLM fuses into it, listed in the
+    model's `packed_modules_mapping`: q/k/v_proj for qkv_proj) lie side by side in one bucket, in order, with the
+    same dtype and trailing shape, and fill it exactly (no vocab padding, no TP shard). CPU engines only: CUDA
+    graphs keep the addresses of the weights they captured, so a GPU engine loads by copy.
+    """
+    fused = getattr(model, "packed_modules_mapping", {}) or {}
+    where = {spec.name: (k, spec) for k, bucket in enumerate(plan) for spec in bucket.tensors}
+    aliased: dict[str, str] = {}
+    for pname, param in model.named_parameters():
+        module, _, kind = pname.rpartition(".")
+        block, _, short = module.rpartition(".")
+        names = [f"{block}.{m}.{kind}" if block else f"{m}.{kind}" for m in fused.get(short, [short])]
+        if not all(n in where for n in names) or len({where[n][0] for n in names}) != 1:
+            continue
+        k, specs = where[names[0]][0], [where[n][1] for n in names]
+        flat = buffers[k]
+        fits = (flat.dtype == param.dtype and param.is_contiguous() and param.dim() >= 1
+                and all(a.offset + a.numel == b.offset for a, b in zip(specs, specs[1:]))
+                and all(tuple(sp.shape[1:]) == tuple(param.shape[1:]) for sp in specs)
+                and sum(sp.shape[0] for sp in specs) == param.shape[0])
+        if not fits:
+            continue
+        run = flat[specs[0].offset:specs[0].offset + param.numel()].view(param.shape)
+        run.copy_(param.data)  # the engine keeps serving the current weights until the next sync lands
+        param.data = run
+        aliased.update({n: pname for n in names})
+    return aliased
+
+
 class WeightReceiver:
     """Methods vLLM adds to its Worker class (so `self` is the worker: `self.device`, `self.model_runner`)."""
 
@@ -98,6 +131,7 @@ class WeightReceiver:
         # One receive buffer per bucket, kept across syncs: a sync then costs no allocation or page faults. On GPU
         # this is a copy of the weights outside vLLM's memory budget (rollout.gpu_memory_utilization leaves room).
         self._rlvr_buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=self.device) for b in plan]
+        self._rlvr_aliased = alias_weights(model, plan, self._rlvr_buffers) if self.device.type == "cpu" else {}
         return rank
 
     def rlvr_receive_weights(self, version: int) -> dict[str, float]:
@@ -120,7 +154,8 @@ class WeightReceiver:
         for k, tensors in weight_sync.receive_buckets(self._rlvr_group, self._rlvr_plan, self.device,
                                                       expect_version=version, buffers=self._rlvr_buffers):
             lap("wait_seconds")
-            loaded |= model.load_weights(tensors)
+            loaded |= model.load_weights([(n, t) for n, t in tensors if n not in self._rlvr_aliased])
+            loaded |= {self._rlvr_aliased[n] for n, _ in tensors if n in self._rlvr_aliased}
             lap("load_seconds")
             for module in self._rlvr_schedule[k]:
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)

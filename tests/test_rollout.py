@@ -184,13 +184,13 @@ def test_repack_schedule_repacks_each_layer_after_its_last_bucket():
           ("model.norm.weight", (8,))]
     plan = weight_sync.plan_buckets([(n, torch.float32, s) for n, s in hf], bucket_bytes=2048)
     assert [[t.name.split(".")[-2] for t in b.tensors] for b in plan] == [
-        ["embed_tokens"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"], ["down_proj", "norm"]]
+        ["embed_tokens"], ["norm", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], ["up_proj", "down_proj"]]
     embed = SimpleNamespace(weight=torch.empty(1))
     lm_head = SimpleNamespace(weight=embed.weight)  # tied: no source of its own, goes with the embedding
     modules = {"model.embed_tokens": embed, "lm_head": lm_head,
                "model.layers.0.self_attn.qkv_proj": SimpleNamespace(weight=torch.empty(1)),  # fed by q/k/v_proj
                "model.layers.0.self_attn.o_proj": SimpleNamespace(weight=torch.empty(1)),
-               "model.layers.0.mlp.gate_up_proj": SimpleNamespace(weight=torch.empty(1)),  # waits for the whole mlp
+               "model.layers.0.mlp.gate_up_proj": SimpleNamespace(weight=torch.empty(1)),  # gate in 1, up in 2
                "model.layers.0.mlp.down_proj": SimpleNamespace(weight=torch.empty(1)),
                "vision.proj": SimpleNamespace(weight=torch.empty(1))}  # no match at all: after the last bucket
     assert repack_schedule(modules, plan) == [
@@ -198,6 +198,40 @@ def test_repack_schedule_repacks_each_layer_after_its_last_bucket():
         ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"],
         ["model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "vision.proj"]]
     assert repack_schedule(modules, []) == []
+
+
+def test_alias_weights_receives_fused_and_plain_weights_in_place():
+    from rollout.worker_extension import alias_weights
+
+    def linear(rows, cols):
+        m = torch.nn.Module()
+        m.weight = torch.nn.Parameter(torch.randn(rows, cols), requires_grad=False)
+        return m
+
+    class Model(torch.nn.Module):
+        packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    model, attn = Model(), torch.nn.Module()
+    attn.qkv_proj, attn.o_proj = linear(8, 4), linear(4, 4)
+    model.attn, model.embed, model.head = attn, linear(10, 4), linear(3, 4)
+    hf = [("attn.q_proj.weight", (4, 4)), ("attn.k_proj.weight", (2, 4)), ("attn.v_proj.weight", (2, 4)),
+          ("attn.o_proj.weight", (4, 4)), ("embed.weight", (9, 4)),  # the engine pads its vocab to 10 rows
+          ("head.weight", (3, 4))]
+    plan = weight_sync.plan_buckets([(n, torch.float32, s) for n, s in hf], bucket_bytes=1 << 20)
+    buffers = [torch.full((b.numel,), float("nan")) for b in plan]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    aliased = alias_weights(model, plan, buffers)
+    assert aliased == {"attn.q_proj.weight": "attn.qkv_proj.weight", "attn.k_proj.weight": "attn.qkv_proj.weight",
+                       "attn.v_proj.weight": "attn.qkv_proj.weight", "attn.o_proj.weight": "attn.o_proj.weight",
+                       "head.weight": "head.weight"}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])  # still the weights the engine serves until a sync lands
+    received = {n: torch.randn(s) for n, s in hf}
+    weight_sync.pack(plan[0], received, "cpu", out=buffers[0])  # what a broadcast writes into the buffer
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([received[f"attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(attn.o_proj.weight, received["attn.o_proj.weight"])
+    assert torch.equal(model.head.weight, received["head.weight"])
+    assert torch.equal(model.embed.weight, before["embed.weight"])  # padded: loaded by copy, not aliased
 
 
 def test_round_trip_is_bit_identical():
