@@ -120,8 +120,8 @@ def main() -> None:
     # A raw broadcast over loopback keeps a sender and a receiver busy copying through the kernel (on 2 cores,
     # ~77% of both, measured), so little of the engine's oneDNN repack, which a raw broadcast does not do, can
     # hide behind the wire.
-    floor = warm + parts["repack_seconds"]
-    print(f"    wire + this sync's repack = {floor:.3f} s = {floor / warm:.2f} x the wire-only broadcast: what a sync "
+    serial = warm + parts["repack_seconds"]
+    print(f"    wire + this sync's repack = {serial:.3f} s = {serial / warm:.2f} x the wire-only broadcast: what a sync "
           f"costs when the repack cannot overlap the wire ({os.cpu_count()} cores here)")
     engines.shutdown()
     ray.shutdown()

