@@ -14,12 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from rollout import weight_sync  # noqa: E402
+from core import weight_sync  # noqa: E402
 
 
 def bench_model(hidden: int = 512, layers: int = 8) -> str:
     """A random Qwen2 of ~25M parameters (~100 MB fp32): large enough that a weight sync is not all overhead."""
-    from launch.models import _atomic_build, build_tiny_qwen2, cache_dir
+    from core.models import _atomic_build, build_tiny_qwen2, cache_dir
 
     return str(_atomic_build(cache_dir() / f"bench-qwen2-h{hidden}-l{layers}",
                              lambda d: build_tiny_qwen2(d, hidden_size=hidden, num_layers=layers)))

@@ -13,8 +13,8 @@ import torch
 
 from launch.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
-from rollout import weight_sync
-from rollout.types import TrainSample
+from core import weight_sync
+from core.types import TrainSample
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from launch.config import RolloutConfig
-from rollout import weight_sync
+from core import weight_sync
 from rollout.group import EngineGroup
 
 RAW = r"""

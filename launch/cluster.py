@@ -14,7 +14,7 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from rollout.weight_sync import BACKEND_FOR_DEVICE
+from core.weight_sync import BACKEND_FOR_DEVICE
 
 log = logging.getLogger("rlvr.cluster")
 PLACEMENT_TIMEOUT_S = 60.0

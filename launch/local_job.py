@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rollout.weight_sync import free_port
+from core.weight_sync import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,13 @@ from launch.cluster import WeightChannel, connect, detect_device, place
 from launch.config import Config, ConfigError, dump_config
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
-from launch.models import resolve_model
+from core.models import resolve_model
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
 from rewards import WeightedReward
 from rewards.gsm8k import accuracy_reward, format_reward
 from rollout.group import EngineGroup
-from rollout.types import Sample, TrainSample
+from core.types import Sample, TrainSample
 
 log = logging.getLogger("rlvr")
 

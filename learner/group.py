@@ -7,8 +7,8 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.worker import LearnerWorker, worker_env
-from rollout.group import split_balanced
-from rollout.types import TrainSample, TrainShard
+from core.balance import split_balanced
+from core.types import TrainSample, TrainShard
 
 
 def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: int, minibatches: int,

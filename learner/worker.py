@@ -16,8 +16,8 @@ import time
 import torch
 
 from learner import grpo
-from rollout import weight_sync
-from rollout.types import TrainSample, TrainShard
+from core import weight_sync
+from core.types import TrainSample, TrainShard
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -61,7 +61,7 @@ class LearnerWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from launch.models import resolve_dtype, resolve_model
+        from core.models import resolve_dtype, resolve_model
 
         model_path = resolve_model(model_path)  # built-ins are made on this node if absent
 

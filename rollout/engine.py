@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from rollout.types import Sample
+from core.types import Sample
 
 WORKER_EXTENSION = "rollout.worker_extension.WeightReceiver"
 
@@ -30,7 +30,7 @@ class RolloutEngine:
                  enforce_eager: bool = False, overlong_prompt: str = "drop", seed: int = 0, engine_index: int = 0):
         from vllm import LLM
 
-        from launch.models import resolve_dtype, resolve_model
+        from core.models import resolve_dtype, resolve_model
 
         if device == "cpu" and tensor_parallel_size != 1:
             raise ValueError("rollout.tensor_parallel_size must be 1 on CPU")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rollout import weight_sync
+from core import weight_sync
 
 
 def _keep_plain_cpu_weights() -> None:

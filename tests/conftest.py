@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random Qwen2 (head_dim 32, tied embeddings) with a 512-token BPE tokenizer, in HF format."""
-    from launch.models import build_tiny_qwen2
+    from core.models import build_tiny_qwen2
 
     return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2")))
 

@@ -7,7 +7,7 @@ import torch
 from learner import grpo
 from learner.group import make_shards, reduce_metrics
 from learner.worker import lr_multiplier
-from rollout.types import TrainSample
+from core.types import TrainSample
 
 
 def test_group_advantages_scaled_by_unbiased_std():

