@@ -94,7 +94,7 @@ def main() -> None:
     nbytes = sum(b.nbytes for b in plan)
     host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
     group = common.open_beside(engines.open_weight_group("gloo", host, port, 2, 120, plan), host, port, 2, 0)
-    buffers = weight_sync.PackBuffers(plan, "cpu")  # what the learner's rank 0 does
+    buffers = weight_sync.RotatingBuffers(plan, "cpu")  # what the learner's rank 0 does
     sync_times, inner = [], []
     for version in range(1, args.rounds + 3):  # the first two syncs warm up allocations
         start = time.perf_counter()

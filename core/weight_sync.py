@@ -6,15 +6,18 @@ Both sides import this module, so they cannot drift:
 - the plan (which tensor sits where in which flat bucket) is made once by the sender from the HF parameter names
   and handed to each receiver when the group opens; a sync then broadcasts a 3-int header
   (magic, version, plan digest) followed by the flat buckets, in plan order;
-- every side enters a collective from the same driver call. With gloo every wait is bounded by the group's
-  timeout, so a missing peer raises instead of hanging; with NCCL a stuck collective is ended by NCCL's watchdog
-  after the same timeout (the process aborts rather than raising), and the rendezvous is bounded either way.
+- every side enters a collective from the same driver call, and every wait is bounded by the group's timeout on
+  both backends: a missing, dead or stopped peer raises `TimeoutError` instead of hanging. (NCCL's `wait()` does not
+  block the host by default, so the NCCL group is made in blocking-wait mode, where it does, with the timeout.)
+- a group whose sync failed is closed (`close_group`) on every member and a new one is opened over the new
+  membership, on a fresh port: nothing of the old one is reused.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -94,6 +97,7 @@ class WeightGroup:
     store: object
     rank: int
     world_size: int
+    timeout: datetime.timedelta
 
 
 def free_port(host: str) -> int:
@@ -123,14 +127,36 @@ def open_group(backend: str, host: str, port: int, world_size: int, rank: int, t
     elif backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        # Blocking wait: `work.wait()` then blocks the host until the collective is done, and raises (aborting the
+        # communicator) past the timeout, instead of NCCL's watchdog ending the process. Read at construction.
+        saved = os.environ.get("TORCH_NCCL_BLOCKING_WAIT")
+        os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
+        try:
+            pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_NCCL_BLOCKING_WAIT")
+            else:
+                os.environ["TORCH_NCCL_BLOCKING_WAIT"] = saved
     else:
         raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
-    group = WeightGroup(pg, store, rank, world_size)
+    group = WeightGroup(pg, store, rank, world_size, timeout)
     # One tiny broadcast while every member is known to be here: NCCL creates its communicator lazily, so a
     # transport problem shows up now, at open, rather than in the middle of training.
     _broadcast(group, torch.zeros(1, device="cuda" if backend == "nccl" else "cpu"))
     return group
+
+
+def close_group(group: WeightGroup | None) -> None:
+    """Tear a group down on this member: abort its collectives and drop the communicator and the TCP store (the
+    sender's store is the rendezvous server; it closes when the last reference goes). Safe on a failed group."""
+    if group is None:
+        return
+    try:
+        group.pg.abort()
+    except Exception:  # noqa: BLE001 - a broken group may refuse; it is dropped either way
+        pass
+    group.pg = group.store = None
 
 
 def _start(group: WeightGroup, tensor: torch.Tensor):
@@ -142,8 +168,15 @@ def _start(group: WeightGroup, tensor: torch.Tensor):
 
 def _wait(group: WeightGroup, work, numel: int) -> None:
     try:
-        work.wait()
+        work.wait(group.timeout)
     except RuntimeError as err:
+        # The group is broken: abort its collectives here (a peer still waiting on another member ends at its own
+        # timeout, so a failed sync ends for everyone within the group's timeout). The driver then closes the group
+        # on every member and opens a new one.
+        try:
+            group.pg.abort()
+        except Exception:  # noqa: BLE001 - already failing; the TimeoutError below says why
+            pass
         raise TimeoutError(f"weight broadcast failed on rank {group.rank}/{group.world_size} ({numel} elements): a "
                            f"peer is missing, stopped, or did not enter this sync in time ({err})") from err
 
@@ -190,9 +223,11 @@ def _send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: It
     return sent
 
 
-class PackBuffers:
-    """Two rotating send buffers per dtype, reused across syncs: while one is on the wire the next bucket is
-    packed into the other, and no sync pays for fresh allocations."""
+class RotatingBuffers:
+    """Two rotating flat buffers per dtype, reused across syncs. The sender packs the next bucket into one while the
+    other is on the wire; a GPU receiver receives the next bucket into one while it loads from the other (the
+    loaders copy, and NCCL orders a broadcast after the copies already queued on the stream). No sync pays for
+    fresh allocations, and a receiver holds two buckets, not a second copy of the model."""
 
     def __init__(self, plan: list[Bucket], device):
         self.buffers = {}
@@ -207,7 +242,7 @@ class PackBuffers:
 
 
 def pack(bucket: Bucket, tensors_by_name: dict[str, torch.Tensor], device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy a bucket's tensors into one flat buffer (`out`, e.g. from PackBuffers, or a fresh one)."""
+    """Copy a bucket's tensors into one flat buffer (`out`, e.g. from RotatingBuffers, or a fresh one)."""
     flat = out if out is not None else torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
     for spec in bucket.tensors:
         flat[spec.offset:spec.offset + spec.numel].copy_(tensors_by_name[spec.name].reshape(-1))
@@ -219,8 +254,8 @@ def receive_buckets(group: WeightGroup, plan: list[Bucket], device, expect_versi
     """Receiver side: check the header, then yield (bucket index, [(name, tensor view), ...]) as each bucket
     arrives. Bucket k+1 is already on the wire while the caller loads bucket k.
 
-    `buffers` (one per bucket, e.g. from the previous sync) are reused when given; within a sync every bucket has
-    its own buffer, because the loader may hold views of earlier buckets until a layer is complete.
+    `buffers` (one per bucket, reused across syncs) are received into when given: views of `RotatingBuffers`, or one
+    buffer per bucket where the weights themselves live in the buffers (`alias_weights` on CPU engines).
     """
     header = _header(0, 0, device)
     _broadcast(group, header)

@@ -1,10 +1,17 @@
-"""Checkpoint folders: written under a temporary name and renamed into place only when complete.
+"""Checkpoint folders: written under a temporary name and renamed into place only when complete and durable.
 
-    output_dir/checkpoints/step-000040/{deepspeed/…, trainer_state.json}
+    output_dir/checkpoints/step-000040/{deepspeed/…, rng_rank*.pt, trainer_state.json}
 
-A crash at any point while saving leaves at most a `.tmp-step-…` folder, which is never loaded and is removed
-by the next save; the previous `step-…` folder stays loadable. On a multi-node cluster `output_dir` must be on a
-filesystem that every learner node sees.
+The commit order makes every moment safe, whatever crashes when:
+1. every rank writes its files into `.tmp-step-…`; the driver checks that it sees every file every rank wrote,
+   and each rank that it sees every other rank's files (`check_visible`: storage that is not shared across nodes
+   is an error at the first checkpoint, not a failed resume days later);
+2. the trainer state is written last; every file and folder is fsynced;
+3. the folder is renamed to `step-…` and the parent fsynced: only now does it count as complete;
+4. older checkpoints beyond `keep` are first renamed to `.del-step-…` (never again mistaken for complete), then
+   removed. A step that already has a complete checkpoint is not written again.
+A crash leaves at most `.tmp-…` / `.del-…` folders, which are never loaded and are removed by the next save; the
+newest complete `step-…` folder stays loadable throughout.
 """
 from __future__ import annotations
 
@@ -14,6 +21,10 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointNotShared(RuntimeError):
+    """A process that must read a checkpoint cannot see files another process wrote into it."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -37,30 +48,69 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def exists(output_dir: str | Path, step: int) -> bool:
+    return (checkpoints_dir(output_dir) / step_name(step) / STATE_FILE).exists()
+
+
 def begin(output_dir: str | Path, step: int) -> Path:
-    """A fresh temporary folder for the checkpoint of `step`; stale temporaries of crashed saves are removed."""
+    """A fresh temporary folder for the checkpoint of `step`; debris of crashed saves and removals is cleared."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_name(step)}"
     tmp.mkdir()
     return tmp
 
 
+def manifest(folder: str | Path) -> dict[str, int]:
+    """{path relative to the folder: size} of every file under it (what one process wrote or sees)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_visible(seen: dict[str, int], expected: dict[str, int], who: str, folder: str | Path) -> None:
+    """Raise `CheckpointNotShared` unless `seen` (a manifest) holds every file of `expected` with its size."""
+    missing = sorted(f for f, size in expected.items() if seen.get(f) != size)
+    if missing:
+        raise CheckpointNotShared(
+            f"{who} does not see {len(missing)} of the {len(expected)} checkpoint files under {folder} that the "
+            f"learner ranks wrote (e.g. {missing[:3]}): train.output_dir must be on storage that every learner node "
+            f"and the driver see (a shared filesystem), or a resume would fail")
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (and the folder itself) to stable storage."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def commit(tmp: Path, step: int, state: dict, keep: int) -> Path:
-    """Write the trainer state last, rename the folder into place, then drop all but the newest `keep`."""
-    state_path = tmp / STATE_FILE
-    with open(state_path, "w") as f:
+    """Write the trainer state last, make it all durable, rename the folder into place, drop all but `keep`."""
+    with open(tmp / STATE_FILE, "w") as f:
         json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    final = tmp.parent / step_name(step)
-    if final.exists():  # re-saving a step (e.g. the final save after a periodic one): replace it
-        shutil.rmtree(final)
+    fsync_tree(tmp)
+    root = tmp.parent
+    final = root / step_name(step)
     tmp.rename(final)
-    for old in complete_checkpoints(tmp.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(root)
+    for old in complete_checkpoints(root.parent)[:-keep]:
+        doomed = root / f".del-{old.name}"
+        old.rename(doomed)  # atomic: from here on it is not a complete checkpoint
+        _fsync_dir(root)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.waits import Timeouts
+
 REFERENCE_PROMPT = (
     "Assistant solves the user's question step by step before answering. "
     "Assistant answers using this response structure:\n"
@@ -81,6 +83,10 @@ class RolloutConfig(_Strict):
     cpus_per_engine: int = Field(1, ge=1)  # Ray CPU resource per engine actor
     threads: int | None = None  # CPU only: compute threads per engine (default cpus_per_engine)
     enforce_eager: bool = False  # CUDA graphs on GPU unless true; CPU always runs eager
+    # An engine that dies or hangs is replaced in its placement-group bundle and given the current weights; this
+    # many replacements per run (all engines together), then the job stops with the engines and causes named.
+    max_restarts: int = Field(8, ge=0)
+    verify_restarts: bool = True  # check a replacement's greedy tokens and logprobs against the learner's model
 
 
 class LearnerConfig(_Strict):
@@ -100,7 +106,6 @@ class LearnerConfig(_Strict):
     gradient_checkpointing: bool = False
     max_nonfinite_steps: int = Field(3, ge=1)  # abort after this many steps in a row with a NaN/inf loss
     bucket_mb: int = Field(256, ge=1)  # weight broadcast bucket size
-    broadcast_timeout_s: float = Field(600.0, gt=0)
 
 
 class GRPOConfig(_Strict):
@@ -123,6 +128,22 @@ class TrainConfig(_Strict):
     resume: Literal["auto", "never", "must"] = "auto"  # auto: continue if output_dir holds a checkpoint
     stop_after: int | None = None  # end the run early after this step (checkpointing it), e.g. to test resume
     ray_address: str | None = None  # None: attach inside a Ray job, else start a local cluster
+    # A learner actor that dies or hangs, or any failure of the machinery (not of the config or the math), tears
+    # every actor down and resumes from the latest complete checkpoint inside the same job, this many times.
+    max_restarts: int = Field(3, ge=0)
+
+
+class TimeoutsConfig(_Strict):
+    """Every wait of the driver is bounded; past its timeout a phase is an error naming the phase and the actors
+    (a hung engine is replaced; anything else restarts the job from its checkpoint, see train.max_restarts).
+    What each one bounds: `core.waits.Timeouts`."""
+
+    start_s: float = Field(Timeouts.start_s, gt=0)
+    generate_s: float = Field(Timeouts.generate_s, gt=0)
+    train_s: float = Field(Timeouts.train_s, gt=0)
+    broadcast_s: float = Field(Timeouts.broadcast_s, gt=0)
+    eval_s: float = Field(Timeouts.eval_s, gt=0)
+    checkpoint_s: float = Field(Timeouts.checkpoint_s, gt=0)
 
 
 class EvalConfig(_Strict):
@@ -155,6 +176,7 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     ckpt: CkptConfig = CkptConfig()
     log: LogConfig = LogConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

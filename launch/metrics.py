@@ -45,6 +45,13 @@ class MetricsLog:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+        self.tb = self.wandb = None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_number(v) -> bool:

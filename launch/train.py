@@ -1,27 +1,33 @@
-"""The GRPO training job: setup, then one loop that reads top to bottom (see `train`)."""
+"""The GRPO training job: one loop that reads top to bottom (`loop`), run by a supervisor (`train`) that restarts
+it from its checkpoint inside the same job when the machinery fails."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
 
+from core.models import resolve_model
+from core.types import Sample, TrainSample
+from core.waits import ActorFault
 from launch import checkpoint
 from launch.cluster import WeightChannel, connect, detect_device, place
 from launch.config import Config, ConfigError, dump_config
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
-from core.models import resolve_model
+from launch.outputs import OutputLock, resolve_output_dir
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
 from rewards import WeightedReward
 from rewards.gsm8k import accuracy_reward, format_reward
 from rollout.group import EngineGroup
-from core.types import Sample, TrainSample
 
 log = logging.getLogger("rlvr")
 
@@ -94,7 +100,7 @@ def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tupl
 def evaluate(engines: EngineGroup, test: PromptSet, cfg: Config) -> dict:
     """Greedy, one sample per question, strict tag rules (the same functions as the rewards)."""
     outs = engines.generate(test.ids, 1, temperature=0.0, max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens,
-                            stop=cfg.rollout.stop)
+                            stop=cfg.rollout.stop, timeout_s=cfg.timeouts.eval_s)
     texts = [o[0].text for o in outs]
     acc = [accuracy_reward(t, ex.gold) for t, ex in zip(texts, test.examples)]
     fmt = [format_reward(t) for t in texts]
@@ -111,7 +117,8 @@ def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, ver
            **{k: sum(v) / max(len(v), 1) for k, v in details.items()},
            "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
            "truncated_frac": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
-           "groups_filtered": filtered, "dropped_prompts": sum(g[0].finish_reason == "dropped" for g in groups),
+           "groups": len(groups), "groups_filtered": filtered, "samples": len(flat),
+           "dropped_prompts": sum(g[0].finish_reason == "dropped" for g in groups),
            "weight_version": version, **learner_stats}
     gen_s = timer_parts.get("generate", 0.0)
     row["gen_tokens_per_s"] = sum(lengths) / gen_s if gen_s else 0.0
@@ -131,50 +138,190 @@ def resume_point(cfg: Config, out: Path) -> Path | None:
 
 
 def save(learners: LearnerGroup, cfg: Config, out: Path, step: int, order: PromptOrder) -> Path:
+    """A complete checkpoint of `step` (kept as it is if one exists): every rank's shards, checked visible to every
+    rank and to the driver, then the trainer state, committed atomically (see `launch.checkpoint`)."""
+    if checkpoint.exists(out, step):
+        return checkpoint.checkpoints_dir(out) / checkpoint.step_name(step)
     tmp = checkpoint.begin(out, step)
-    learners.save(str(tmp))
-    return checkpoint.commit(tmp, step, {"step": step, "order": order.state_dict(), "config": cfg.model_dump(mode="json")},
-                             cfg.ckpt.keep)
+    views = learners.save(str(tmp))
+    written = {f: size for view in views for f, size in view.items()}
+    for r, view in enumerate(views):
+        checkpoint.check_visible(view, written, learners.name(r), tmp)
+    checkpoint.check_visible(checkpoint.manifest(tmp), written, "the driver", tmp)
+    state = {"step": step, "order": order.state_dict(), "config": cfg.model_dump(mode="json")}
+    return checkpoint.commit(tmp, step, state, cfg.ckpt.keep)
+
+
+# Failures of the machinery, not of the config or the math: the job restarts from its checkpoint (train.max_restarts).
+INFRA_FAULTS = (ActorFault, TimeoutError, torch.distributed.DistError, RayActorError, ActorUnavailableError,
+                ObjectLostError, NodeDiedError, RaySystemError)
+EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint; resubmit to continue (sysexits EX_TEMPFAIL)
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT reached the job, which stopped at a step boundary after writing a checkpoint."""
+
+
+class RestartsExhausted(RuntimeError):
+    """The machinery failed again after train.max_restarts in-job restarts."""
+
+
+@dataclass
+class Faults:
+    """What went wrong over the whole job, across its in-job restarts."""
+
+    job_restarts: int = 0
+    steps_recomputed: int = 0
+    engine_restarts: int = 0  # engines replaced in earlier attempts (the current EngineGroup counts its own)
+    last_step: int = 0  # the last step logged
+    failed_at: float | None = None  # when the last in-job restart began (monotonic)
+    recover_seconds: float | None = None  # failure → actors up and the checkpoint loaded, reported once
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (`ray job stop`, a preempted node, Ctrl-C) only raise a flag; the loop writes a checkpoint
+    at the end of the step and exits with EXIT_STOPPED. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(f"{self.requested} received: stopping after this step, with a checkpoint")
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config) -> dict:
+    """Run the job. When the machinery fails (an actor dies or hangs, a collective breaks), every actor and
+    placement group is torn down and the run resumes from its latest complete checkpoint inside the same job, up to
+    train.max_restarts times: at most ckpt.every steps are computed again per restart."""
     wall = time.time()
-    out = Path(cfg.train.output_dir).resolve()
+    out = resolve_output_dir(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    log.info(f"output dir {out}")
     connect(cfg.train.ray_address)
     device = detect_device(cfg.train.device)
-    resume_from = resume_point(cfg, out)
+    faults = Faults()
+    with OutputLock(out), StopSignals() as stop:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        while True:
+            try:
+                return run(cfg, out, device, stop, faults, wall)
+            except INFRA_FAULTS as err:
+                latest = checkpoint.latest_checkpoint(out)
+                resume_step = checkpoint.read_state(latest)["step"] if latest else 0
+                if faults.job_restarts >= cfg.train.max_restarts:
+                    raise RestartsExhausted(f"{type(err).__name__}: {err}\nafter {faults.job_restarts} in-job "
+                                            f"restart(s) (train.max_restarts={cfg.train.max_restarts})") from err
+                redo = faults.last_step + 1 - resume_step  # the steps done since the checkpoint and the one in flight
+                faults.job_restarts, faults.steps_recomputed = faults.job_restarts + 1, faults.steps_recomputed + redo
+                faults.failed_at = time.monotonic()
+                log.warning(f"{type(err).__name__}: {err}\nrestart {faults.job_restarts}/{cfg.train.max_restarts}: "
+                            f"every actor torn down; resuming from {latest.name if latest else 'the start'}: steps "
+                            f"{resume_step + 1}-{faults.last_step + 1} are computed again")
+
+
+@dataclass
+class Actors:
+    learners: LearnerGroup
+    engines: EngineGroup
+    channel: WeightChannel | None
+    placement_groups: tuple
+
+
+def start_actors(cfg: Config, device: str, faults: Faults, verify_prompt: list[int] | None) -> Actors:
     learner_pg, rollout_pg = place(cfg, device)
+    # Actors start side by side (each resolves the model name on its own node).
+    engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len, dtype=cfg.model.dtype,
+                          seed=cfg.train.seed, placement_group=rollout_pg, timeouts=cfg.timeouts,
+                          max_restarts=cfg.rollout.max_restarts - faults.engine_restarts)
+    learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
+                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
+                            timeouts=cfg.timeouts)
+    actors = Actors(learners, engines, None, (learner_pg, rollout_pg))
+    try:
+        engines.ready(), learners.ready()
+        actors.channel = WeightChannel(learners, engines, device, cfg.timeouts.broadcast_s,
+                                       verify_prompt if cfg.rollout.verify_restarts else None)
+    except BaseException:
+        stop_actors(actors, faults)
+        raise
+    return actors
+
+
+def stop_actors(actors: Actors, faults: Faults) -> None:
+    """Kill every actor and free the placement groups (also after a failure: never masks the error in flight)."""
+    faults.engine_restarts += len(actors.engines.restarts)
+    for stop in (actors.engines.shutdown, actors.learners.shutdown,
+                 *(lambda pg=pg: ray.util.remove_placement_group(pg) for pg in actors.placement_groups)):
+        try:
+            stop()
+        except Exception as err:  # noqa: BLE001 - best effort: the cluster may be half gone
+            log.warning(f"teardown: {type(err).__name__}: {err}")
+
+
+def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
+    """One attempt: actors up, the checkpoint (if any) loaded, the loop; its actors are torn down however it ends."""
+    resume_from = resume_point(cfg, out) if faults.job_restarts == 0 else checkpoint.latest_checkpoint(out)
     model_path = resolve_model(cfg.model.path)
     from transformers import AutoTokenizer
 
-    # Actors start in the background (each resolves the model name on its own node) while prompts are tokenized.
-    engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len, dtype=cfg.model.dtype,
-                          seed=cfg.train.seed, placement_group=rollout_pg)
-    learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg)
     train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))
     log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval prompts; "
              f"{cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
              f"{cfg.rollout.tensor_parallel_size}")
-    engines.ready(), learners.ready()
-    channel = WeightChannel(learners, engines, device, cfg.learner.broadcast_timeout_s)
-    log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(channel.plan)} bucket(s), "
-             f"{channel.bytes / 2**20:.1f} MiB")
+    actors = start_actors(cfg, device, faults, train_set.ids[0])
+    metrics = None
+    try:
+        log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(actors.channel.plan)} bucket(s), "
+                 f"{actors.channel.bytes / 2**20:.1f} MiB")
+        start, order = 0, PromptOrder(len(train_set.ids), cfg.train.seed)
+        if resume_from is not None:
+            actors.learners.load(str(resume_from))
+            state = checkpoint.read_state(resume_from)
+            if state["order"]["size"] != len(train_set.ids):
+                raise ConfigError(f"{resume_from} was made with {state['order']['size']} training prompts, this run "
+                                  f"has {len(train_set.ids)} (data.source / max_prompt_tokens / model changed?): its "
+                                  "data order cannot continue; use a new train.output_dir")
+            start, order = state["step"], PromptOrder.from_state(state["order"])
+            actors.channel.sync(start)  # engines start from the base model; give them the checkpoint's weights
+            log.info(f"resumed from {resume_from} at step {start} (data epoch {order.epoch}, "
+                     f"position {order.position})")
+        if faults.failed_at is not None:
+            faults.recover_seconds, faults.failed_at = time.monotonic() - faults.failed_at, None
+            log.warning(f"recovered in {faults.recover_seconds:.1f}s (in-job restart {faults.job_restarts})")
+        metrics = MetricsLog(out, cfg, start)
+        step = loop(cfg, out, stop, faults, actors, metrics, train_set, test_set, start, order)
+        metrics.close()
+        if cfg.ckpt.export_hf and step == cfg.train.steps:
+            actors.learners.export_hf(str(out / "final_model"))
+    finally:
+        if metrics is not None:
+            metrics.close()
+        stop_actors(actors, faults)
+    rows = read_jsonl(metrics.path)
+    plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on GSM8K ({device})")
+    text = summary(rows, out, time.time() - wall)
+    print(text, flush=True)
+    return {"step": step, "rows": rows, "summary": text, "output_dir": str(out)}
 
-    start, order = 0, PromptOrder(len(train_set.ids), cfg.train.seed)
-    if resume_from is not None:
-        learners.load(str(resume_from))
-        state = checkpoint.read_state(resume_from)
-        if state["order"]["size"] != len(train_set.ids):
-            raise ConfigError(f"{resume_from} was made with {state['order']['size']} training prompts, this run has "
-                             f"{len(train_set.ids)} (data.source / max_prompt_tokens / model changed?): its data order "
-                             "cannot continue; use a new train.output_dir")
-        start, order = state["step"], PromptOrder.from_state(state["order"])
-        channel.sync(start)  # engines start from the base model; give them the checkpoint's weights
-        log.info(f"resumed from {resume_from} at step {start} (data epoch {order.epoch}, position {order.position})")
-    metrics = MetricsLog(out, cfg, start)
+
+def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Actors, metrics: MetricsLog,
+         train_set: PromptSet, test_set: PromptSet, start: int, order: PromptOrder) -> int:
+    """The training loop, from step `start` + 1; returns the last step done."""
+    learners, engines, channel = actors.learners, actors.engines, actors.channel
     reward = WeightedReward(cfg.rewards)
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens,
                     stop=cfg.rollout.stop)
@@ -185,10 +332,11 @@ def train(cfg: Config) -> dict:
     progress = Progress(cfg.train.steps, start)
     step = start
     for step in range(start + 1, cfg.train.steps + 1):
-        timer = StepTimer()
+        timer, seen = StepTimer(), (len(engines.restarts), len(channel.checks))
         batch_ids = order.next(cfg.train.prompts_per_step)                                   # 1. prompts
         with timer("generate"):                                                              # 2. n samples each
             groups = engines.generate([train_set.ids[i] for i in batch_ids], cfg.rollout.n, **sampling)
+        check_versions(groups, channel.version)
         with timer("reward"):                                                                # 3. rewards
             rewards, details = score(groups, [train_set.examples[i].gold for i in batch_ids], reward)
             batch, filtered = build_batch(groups, rewards, cfg.grpo)                        # 4. advantages
@@ -202,29 +350,51 @@ def train(cfg: Config) -> dict:
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
             with timer("eval"):
                 row.update(evaluate(engines, test_set, cfg))
-        if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step in (cfg.train.steps, cfg.train.stop_after):
+        if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step in (cfg.train.steps, cfg.train.stop_after) \
+                or stop.requested:
             with timer("checkpoint"):
                 save(learners, cfg, out, step, order)
-        row.update(timer.report())
-        metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in batch_ids]})  # 7. log
+        faulted = fault_row(engines, channel, faults, seen)
+        row.update(timer.report(), **faulted.pop("numbers"))
+        metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in batch_ids], **faulted})  # 7. log
+        faults.last_step = step
         print(progress.line(step) + "\n  " + format_row(step, row), flush=True)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
             print(format_sample(train_set.examples[batch_ids[0]], groups[0][0], rewards[0, 0].item()), flush=True)
+        if stop.requested:
+            raise StopRequested(f"{stop.requested}: stopped after step {step} with its checkpoint in {out}; "
+                                f"submit the same command again to continue (exit code {EXIT_STOPPED})")
         if step == cfg.train.stop_after:
             log.info(f"stopping after step {step} as train.stop_after asks; resume with the same output_dir")
             break
-    metrics.close()
+    return step
 
-    if cfg.ckpt.export_hf and step == cfg.train.steps:
-        learners.export_hf(str(out / "final_model"))
-    rows = read_jsonl(metrics.path)
-    plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on GSM8K ({device})")
-    text = summary(rows, out, time.time() - wall)
-    print(text, flush=True)
-    engines.shutdown(), learners.shutdown()
-    for pg in (learner_pg, rollout_pg):
-        ray.util.remove_placement_group(pg)
-    return {"step": step, "rows": rows, "summary": text, "output_dir": str(out)}
+
+def check_versions(groups: list[list[Sample]], expected: int) -> None:
+    """Every sample of a step comes from the weights the learner last sent (a replacement never serves its own)."""
+    stale = sorted({s.weight_version for g in groups for s in g} - {expected})
+    if stale:
+        raise RuntimeError(f"samples from weight version(s) {stale} in a step that expects version {expected}")
+
+
+def fault_row(engines: EngineGroup, channel: WeightChannel, faults: Faults, seen: tuple[int, int]) -> dict:
+    """Restart counters (whole job) and this step's recoveries: their seconds, how replacements checked out against
+    the learner ("numbers", for every sink), and each replacement's record (metrics.jsonl only)."""
+    new, checks = engines.restarts[seen[0]:], channel.checks[seen[1]:]
+    numbers = {"engine_restarts": faults.engine_restarts + len(engines.restarts), "job_restarts": faults.job_restarts,
+               "steps_recomputed": faults.steps_recomputed,
+               "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
+    if faults.recover_seconds is not None:
+        numbers["job_recover_seconds"], faults.recover_seconds = faults.recover_seconds, None
+    if checks:
+        numbers["replacement_greedy_match"] = float(all(c["greedy_match"] for c in checks))
+        numbers["replacement_max_abs_logprob_diff"] = max(c["max_abs_logprob_diff"] for c in checks)
+    out = {"numbers": numbers}
+    if new:
+        out["restarts"] = [{k: v for k, v in r.items() if k != "start"} for r in new]
+    if checks:
+        out["replacement_checks"] = checks
+    return out
 
 
 class Progress:

@@ -7,9 +7,11 @@ training state. The same code runs on GPU (NCCL, bf16) and CPU (gloo, fp32).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import math
 import os
+import pathlib
 import random
 import time
 
@@ -54,8 +56,9 @@ class LearnerWorker:
         return host, weight_sync.free_port(host)
 
     def setup(self, master: tuple[str, int], model_path: str, device: str, cfg: dict, grpo_cfg: dict,
-              total_steps: int, dtype: str = "auto", seed: int = 0) -> dict:
-        """Join the DeepSpeed group and build model, optimizer and schedule. All ranks call this together."""
+              total_steps: int, dtype: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> dict:
+        """Join the DeepSpeed group and build model, optimizer and schedule. All ranks call this together.
+        `timeout_s` bounds every collective of the group: a rank whose peer died or hangs raises instead of waiting."""
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -72,7 +75,8 @@ class LearnerWorker:
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         else:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
-        deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False)
+        deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
         self.dtype = getattr(torch, resolve_dtype(dtype, device))
         self.model_path = model_path
 
@@ -109,8 +113,10 @@ class LearnerWorker:
         self.weight_group = None
         self.plan = None
         self.pack_buffers = None
-        return {"rank": self.rank, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                                 for p in self.engine.module.parameters())}
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())}
 
     @property
     def _dev(self) -> torch.device:
@@ -266,11 +272,17 @@ class LearnerWorker:
         return self.plan
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> int:
+        """Rank 0 joins as the sender (a group left from before, e.g. broken by a failed sync, is closed first)."""
         if self.plan is None:
             self.weight_plan()
         if self.rank == 0:
+            self.close_weight_group()
             self.weight_group = weight_sync.open_group(backend, host, port, world_size, 0, timeout_s)
         return self.rank
+
+    def close_weight_group(self) -> None:
+        weight_sync.close_group(self.weight_group)
+        self.weight_group = None
 
     def _flat_buckets(self):
         """Each bucket as one flat tensor (rank 0); under ZeRO-3 every rank takes part in gathering it."""
@@ -278,7 +290,7 @@ class LearnerWorker:
 
         named = dict(self._named_params())
         if self.rank == 0 and self.pack_buffers is None:
-            self.pack_buffers = weight_sync.PackBuffers(self.plan, self._dev)
+            self.pack_buffers = weight_sync.RotatingBuffers(self.plan, self._dev)
         for bucket in self.plan:
             params = [named[t.name] for t in bucket.tensors]
             ctx = GatheredParameters(params) if self.zero3 else contextlib.nullcontext()
@@ -290,14 +302,27 @@ class LearnerWorker:
                                        out=self.pack_buffers.next(bucket))
 
     def broadcast_weights(self, version: int) -> dict:
+        """Rank 0 sends; under ZeRO-3 every rank gathers each bucket with it. If the wire fails, rank 0 still takes
+        part in the remaining gathers before raising, so the other ranks do not wait on it in a collective."""
         start = time.perf_counter()
-        if self.rank == 0:
-            sent = weight_sync.send(self.weight_group, self.plan, version, self._flat_buckets(), self._dev)
-        else:
-            sent = 0
-            for _ in self._flat_buckets():
+        buckets = self._flat_buckets()
+        sent = 0
+        try:
+            if self.rank == 0:
+                sent = weight_sync.send(self.weight_group, self.plan, version, buckets, self._dev)
+        finally:
+            for _ in buckets:
                 pass
         return {"bytes": sent, "seconds": time.perf_counter() - start}
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> dict:
+        """The learner's logprobs of a completion and its greedy (argmax) token at each position, e.g. to check an
+        engine's weights against the learner's. All ranks call it together (ZeRO-3 gathers in the forward)."""
+        self.engine.eval()
+        batch = self._collate([TrainSample(prompt_ids, completion_ids, [0.0] * len(completion_ids), 0.0)])
+        with torch.no_grad():
+            lp, logits = self._completion_logprobs(self.engine, batch, temperature)
+        return {"logprobs": lp[0].float().tolist(), "argmax": logits[0].argmax(-1).tolist()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights (rank 0 gets them, other ranks None). A collective under ZeRO-3."""
@@ -315,6 +340,11 @@ class LearnerWorker:
         torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if self.device == "cuda" else None,
                     "nonfinite_streak": self.nonfinite_streak}, f"{path}/rng_rank{self.rank}.pt")
+
+    def list_files(self, path: str) -> dict[str, int]:
+        """{relative path: size} of every file under `path` as this rank sees it (checks shared storage)."""
+        root = pathlib.Path(path)
+        return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
     def load(self, path: str) -> None:
         loaded, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,

@@ -54,8 +54,10 @@ class RolloutEngine:
         self.index = engine_index
 
     def info(self) -> dict:
+        import ray
+
         return {"index": self.index, "version": self.version, "max_model_len": self.max_model_len,
-                "start_seconds": self.start_seconds, "pid": os.getpid()}
+                "start_seconds": self.start_seconds, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
     def _fit(self, ids: list[int], max_tokens: int) -> list[int] | None:
         """The prompt as it will be sent, or None when it is dropped (see rollout.overlong_prompt)."""
@@ -68,7 +70,8 @@ class RolloutEngine:
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 256, stop: list[str] | None = None, seed: int | None = None) -> list[list[Sample]]:
-        """n samples for each prompt (token ids). Greedy when temperature == 0 (then n must be 1)."""
+        """n samples for each prompt (token ids), each with its tokens' logprobs. Greedy when temperature == 0 (then n
+        must be 1; the logprobs are then those of the plain softmax, T = 1)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -85,7 +88,7 @@ class RolloutEngine:
         # A stop string stays in the completion: the learner trains on exactly what the model wrote, and format
         # rewards can see the closing tag.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
-                                include_stop_str_in_output=True, logprobs=0 if temperature > 0 else None, seed=seed)
+                                include_stop_str_in_output=True, logprobs=0, seed=seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=fitted[i]) for i in live], params, use_tqdm=False) \
             if live else []
         result: list[list[Sample]] = [
@@ -103,6 +106,9 @@ class RolloutEngine:
                           timeout_s: float, plan: list) -> list[int]:
         return self.llm.collective_rpc("rlvr_open_weight_group",
                                        args=(backend, host, port, world_size, rank_offset, timeout_s, plan))
+
+    def close_weight_group(self) -> None:
+        self.llm.collective_rpc("rlvr_close_weight_group")
 
     def receive_weights(self, version: int) -> dict[str, float]:
         """Join the broadcast of `version`, load it in place, drop the prefix cache. Returns the slowest TP

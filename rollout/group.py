@@ -1,38 +1,76 @@
-"""`EngineGroup`: M `RolloutEngine` actors in the rollout placement group, used as one sampler."""
+"""`EngineGroup`: M `RolloutEngine` actors in the rollout placement group, used as one sampler that outlives its
+engines.
+
+An engine that dies (its process killed, OOM, its node lost) or hangs (no answer within the generate timeout) is
+killed and re-created in its own placement-group bundle. `after_restart` (set by the weight channel) then rebuilds
+the weight group over the new membership and sends the learner's current weights, so a replacement never serves
+its startup weights. The prompts the failed engine held are generated again, on every engine, and the caller gets
+all its groups in prompt order as if nothing had happened. Replacements are counted against
+`rollout.max_restarts` per run; past it, the group raises with every engine and cause named.
+"""
 from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.balance import split_balanced
 from core.types import Sample
+from core.waits import Timeouts, settle, wait_all
 from rollout.engine import RolloutEngine, engine_env
+
+log = logging.getLogger("rlvr.rollout")
+
+
+class EngineRestartsExhausted(RuntimeError):
+    """An engine failed after the run's restart budget was spent."""
+
+
+def is_engine_fault(outcome) -> bool:
+    """A call that ended because its engine is gone or wedged (not because of what it was asked)."""
+    if outcome.status in ("died", "hung"):
+        return True
+    return outcome.status == "error" and any(c.__name__ == "EngineDeadError" for c in type(outcome.error).__mro__)
 
 
 class EngineGroup:
     def __init__(self, model: str, device: str, cfg, *, max_model_len: int, dtype: str = "auto", seed: int = 0,
-                 placement_group=None):
-        self.cfg, self.device = cfg, device
-        threads = cfg.threads or cfg.cpus_per_engine
-        actor = ray.remote(RolloutEngine)
-        self.engines = []
-        for i in range(cfg.num_engines):
-            strategy = None if placement_group is None else PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=i)
-            self.engines.append(actor.options(
-                num_cpus=cfg.cpus_per_engine, num_gpus=cfg.tensor_parallel_size if device == "cuda" else 0,
-                scheduling_strategy=strategy, runtime_env={"env_vars": engine_env(device, threads)},
-            ).remote(model, device, dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
-                     max_model_len=max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                     cpu_kv_cache_gb=cfg.cpu_kv_cache_gb, enforce_eager=cfg.enforce_eager,
-                     overlong_prompt=cfg.overlong_prompt, seed=seed, engine_index=i))
+                 placement_group=None, timeouts=Timeouts(), max_restarts: int | None = None):
+        self.cfg, self.device, self.placement_group, self.timeouts = cfg, device, placement_group, timeouts
+        self.max_restarts = cfg.max_restarts if max_restarts is None else max_restarts  # what is left of the budget
+        self._kwargs = dict(dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size, max_model_len=max_model_len,
+                            gpu_memory_utilization=cfg.gpu_memory_utilization, cpu_kv_cache_gb=cfg.cpu_kv_cache_gb,
+                            enforce_eager=cfg.enforce_eager, overlong_prompt=cfg.overlong_prompt, seed=seed)
+        self._model = model
+        self.engines = [self._spawn(i) for i in range(cfg.num_engines)]
+        self.infos: list[dict] = [{} for _ in self.engines]
         self._pending = [e.info.remote() for e in self.engines]
-        self.infos: list[dict] = []
+        self.restarts: list[dict] = []  # {"engine", "phase", "cause", "seconds"} per replacement, in order
+        self.after_restart: Callable[[list[int]], None] | None = None
+
+    def _spawn(self, i: int):
+        strategy = None if self.placement_group is None else PlacementGroupSchedulingStrategy(
+            self.placement_group, placement_group_bundle_index=i)
+        threads = self.cfg.threads or self.cfg.cpus_per_engine
+        return ray.remote(RolloutEngine).options(
+            num_cpus=self.cfg.cpus_per_engine, num_gpus=self.cfg.tensor_parallel_size if self.device == "cuda" else 0,
+            scheduling_strategy=strategy, runtime_env={"env_vars": engine_env(self.device, threads)},
+            max_restarts=0, max_task_retries=0,  # replacements are ours: a Ray restart would serve startup weights
+        ).remote(self._model, self.device, engine_index=i, **self._kwargs)
+
+    def name(self, i: int) -> str:
+        info = self.infos[i] if i < len(self.infos) else {}
+        return f"engine {i}" + (f" (pid {info['pid']} on {info['node']})" if "pid" in info else "")
 
     def ready(self) -> "EngineGroup":
         """Wait until every engine has started (engines and learners start side by side)."""
         if self._pending:
-            self.infos, self._pending = ray.get(self._pending), []
+            self.infos = wait_all(self._pending, [f"engine {i}" for i in range(len(self.engines))], "engine start",
+                                  self.timeouts.start_s)
+            self._pending = []
         return self
 
     @property
@@ -41,21 +79,63 @@ class EngineGroup:
         return len(self.engines) * self.cfg.tensor_parallel_size
 
     def generate(self, prompts: list[list[int]], n: int, *, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, stop: list[str] | None = None, seed: int | None = None) -> list[list[Sample]]:
-        """n samples per prompt, prompts spread over the engines by token cost; results in prompt order."""
+                 max_tokens: int, stop: list[str] | None = None, seed: int | None = None,
+                 timeout_s: float | None = None) -> list[list[Sample]]:
+        """n samples per prompt, prompts spread over the engines by token cost; results in prompt order. The prompts
+        of an engine that fails are generated again after it is replaced."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if not prompts:
-            return []
-        parts = split_balanced([len(p) + max_tokens for p in prompts], len(self.engines))
-        refs = [(part, eng.generate.remote([prompts[i] for i in part], n, temperature, top_p, max_tokens, stop,
-                                           None if seed is None else seed + k))
-                for k, (eng, part) in enumerate(zip(self.engines, parts)) if part]
+        timeout_s = timeout_s or self.timeouts.generate_s
         out: list[list[Sample]] = [[] for _ in prompts]
-        for part, samples in zip([p for p, _ in refs], ray.get([r for _, r in refs])):
-            for i, s in zip(part, samples):
-                out[i] = s
+        todo = list(range(len(prompts)))
+        while todo:
+            parts = split_balanced([len(prompts[i]) + max_tokens for i in todo], len(self.engines))
+            calls = [(k, [todo[j] for j in part]) for k, part in enumerate(parts) if part]
+            refs = [self.engines[k].generate.remote([prompts[i] for i in idx], n, temperature, top_p, max_tokens, stop,
+                                                    None if seed is None else seed + k) for k, idx in calls]
+            failed, todo = {}, []
+            for (k, idx), outcome in zip(calls, settle(refs, timeout_s)):
+                if outcome.status == "ok":
+                    for i, samples in zip(idx, outcome.value):
+                        out[i] = samples
+                elif is_engine_fault(outcome):
+                    failed[k] = outcome.describe(timeout_s)
+                    todo += idx
+                else:
+                    raise outcome.error  # what it was asked is wrong (e.g. an empty prompt): no restart helps
+            if failed:
+                self.restart(failed, "generate")
         return out
+
+    def restart(self, failed: dict[int, str], phase: str, resync: bool = True) -> None:
+        """Kill the failed engines, start new ones in the same bundles, wait until they serve, and (with `resync`)
+        hand them to `after_restart`, which gives every engine the learner's current weights."""
+        start = time.monotonic()
+        for i, cause in failed.items():
+            record = {"engine": i, "phase": phase, "cause": f"{self.name(i)} {cause}", "start": start}
+            if len(self.restarts) >= self.max_restarts:
+                earlier = "".join(f"\n  {r['phase']}: {r['cause']}" for r in self.restarts) or " none"
+                raise EngineRestartsExhausted(
+                    f"{record['cause']} during {phase}, and the run's engine restart budget is spent "
+                    f"(rollout.max_restarts={self.cfg.max_restarts}); earlier restarts:{earlier}")
+            log.warning(f"{record['cause']} during {phase}: replacing it in its placement-group bundle")
+            ray.kill(self.engines[i], no_restart=True)
+            self.engines[i] = self._spawn(i)
+            self.restarts.append(record)
+        infos = wait_all([self.engines[i].info.remote() for i in failed], [f"replacement engine {i}" for i in failed],
+                         "engine restart", self.timeouts.start_s)
+        for i, info in zip(failed, infos):
+            self.infos[i] = info
+        log.warning(f"started {', '.join(self.name(i) for i in failed)} in {time.monotonic() - start:.1f}s "
+                    f"({len(self.restarts)} restart(s) of {self.max_restarts} this run)")
+        if resync and self.after_restart is not None:
+            self.after_restart(list(failed))
+            self.recovered()
+
+    def recovered(self) -> None:
+        """Every engine serves the current weights again: the pending restarts' recovery time ends now."""
+        for record in self.restarts:
+            record.setdefault("seconds", time.monotonic() - record["start"])
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float,
                           plan: list) -> list:
@@ -63,6 +143,9 @@ class EngineGroup:
         tp = self.cfg.tensor_parallel_size
         return [e.open_weight_group.remote(backend, host, port, world_size, 1 + i * tp, timeout_s, plan)
                 for i, e in enumerate(self.engines)]
+
+    def close_weight_group(self) -> list:
+        return [e.close_weight_group.remote() for e in self.engines]
 
     def receive_weights(self, version: int) -> list:
         return [e.receive_weights.remote(version) for e in self.engines]

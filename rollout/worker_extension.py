@@ -115,9 +115,22 @@ class WeightReceiver:
 
     def rlvr_open_weight_group(self, backend: str, host: str, port: int, world_size: int, rank_offset: int,
                                timeout_s: float, plan: list) -> int:
+        """Join a weight group. The first open (or a new plan) also sets up the receive side; a re-open after a
+        failure (new membership, fresh port) keeps the buffers, and with them the weights that live in them."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank = rank_offset + get_tensor_model_parallel_rank()
+        if getattr(self, "_rlvr_plan", None) != plan:
+            self._rlvr_prepare(plan)
+        self.rlvr_close_weight_group()
+        self._rlvr_group = weight_sync.open_group(backend, host, port, world_size, rank, timeout_s)
+        return rank
+
+    def rlvr_close_weight_group(self) -> None:
+        weight_sync.close_group(getattr(self, "_rlvr_group", None))
+        self._rlvr_group = None
+
+    def _rlvr_prepare(self, plan: list) -> None:
         model = self.model_runner.get_model()
         packed = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear") and hasattr(m, "weight")}
         emptied = [name for name, m in packed.items() if m.weight.numel() == 0]
@@ -127,13 +140,19 @@ class WeightReceiver:
         schedule = repack_schedule(packed, plan, fused_modules(model))
         self._rlvr_schedule = [[packed[n] for n in names] for names in schedule]
         self._rlvr_params = {name for name, _ in model.named_parameters()}
-        self._rlvr_group = weight_sync.open_group(backend, host, port, world_size, rank, timeout_s)
         self._rlvr_plan = plan
-        # One receive buffer per bucket, kept across syncs: a sync then costs no allocation or page faults. On GPU
-        # this is a copy of the weights outside vLLM's memory budget (rollout.gpu_memory_utilization leaves room).
-        self._rlvr_buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=self.device) for b in plan]
-        self._rlvr_aliased = alias_weights(model, plan, self._rlvr_buffers) if self.device.type == "cpu" else {}
-        return rank
+        if self.device.type == "cpu":
+            # One buffer per bucket, kept across syncs: the weights that fill a run of a bucket live in it, so the
+            # wire writes them in place (`alias_weights`), and a sync costs no allocation or page faults.
+            self._rlvr_buffers = [torch.empty(b.numel, dtype=getattr(torch, b.dtype), device=self.device)
+                                  for b in plan]
+            self._rlvr_aliased = alias_weights(model, plan, self._rlvr_buffers)
+        else:
+            # GPU: the loaders copy into the weights (CUDA graphs keep their addresses), so two rotating buffers
+            # per dtype are enough: 2 × learner.bucket_mb outside vLLM's memory budget, not a copy of the model.
+            rotating = weight_sync.RotatingBuffers(plan, self.device)
+            self._rlvr_buffers = [rotating.next(b) for b in plan]
+            self._rlvr_aliased = {}
 
     def rlvr_receive_weights(self, version: int) -> dict[str, float]:
         """Join the broadcast of `version` and load it in place. Returns seconds: in all, waiting for bytes on the
@@ -146,6 +165,8 @@ class WeightReceiver:
 
         def lap(key: str) -> None:
             nonlocal mark
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # time the work, not the kernel launches
             now = time.perf_counter()
             seconds[key] += now - mark
             mark = now

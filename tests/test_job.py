@@ -1,12 +1,22 @@
 """The job as users run it: `ray job submit --working-dir . -- python launch/gsm8k.py ...` against a Ray head
 started by the test (private ports, temp dir and token; stopped by its own process group)."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from core.models import cache_dir
 from launch.checkpoint import latest_checkpoint
-from launch.local_job import LocalHead
+from launch.local_job import ROOT, LocalHead, _group_alive
 from launch.metrics import mean_of, read_jsonl
+from launch.train import EXIT_STOPPED
+from tests import procs
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +33,9 @@ def head(tmp_path_factory):
         yield h
 
 
-def submit(head, *args, timeout_s=600):
+def submit(head, *args, timeout_s=600, **kwargs):
     code, log = head.submit(["python", "launch/gsm8k.py", "--config", "toy_tiny_cpu.yaml", "eval.every=8",
-                             "log.sample_every=0", *args], timeout_s=timeout_s)
+                             "log.sample_every=0", *args], timeout_s=timeout_s, **kwargs)
     return code, log
 
 
@@ -86,3 +96,82 @@ def test_oversized_request_fails_fast_naming_the_shortfall(head):
 def test_bad_config_fails_with_the_key_named(head):
     code, log = submit(head, "rollout.temprature=0.5")
     assert code == 2 and "rollout.temprature: unknown key" in log
+
+
+def steps_logged(out: Path) -> int:
+    try:
+        return len(train_rows(out))
+    except ValueError:  # a line read while it is being written
+        return 0
+
+
+def test_ray_job_stop_checkpoints_and_a_resubmit_continues(head, uninterrupted, tmp_path):
+    """`ray job stop` sends SIGTERM: the job ends its step, writes a checkpoint, exits 75; resubmitting the same
+    command continues with the same step counter and the same prompts as an uninterrupted run."""
+    def stop_at_step_3(job_id, cli):
+        def watch():
+            procs.wait_for(lambda: steps_logged(tmp_path) >= 3, 300, 0.2, "step 3")
+            head.ray("job", "stop", "--address", head.address, "--no-wait", job_id)
+        threading.Thread(target=watch, daemon=True).start()
+
+    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}", on_start=stop_at_step_3)
+    assert code == EXIT_STOPPED, log[-3000:]
+    stopped = int(re.search(r"SIGTERM: stopped after step (\d+) with its checkpoint", log).group(1))
+    assert 3 <= stopped < STEPS
+    assert latest_checkpoint(tmp_path).name == f"step-{stopped:06d}"
+    assert [r["step"] for r in train_rows(tmp_path)] == list(range(1, stopped + 1))
+
+    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}")
+    assert code == 0, log[-3000:]
+    assert f"at step {stopped}" in log
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in train_rows(uninterrupted[0])]
+
+
+def test_relative_output_dir_survives_a_code_edit(head, tmp_path):
+    """Under `ray job submit --working-dir`, a relative output_dir lands under ~/rlvr (here a test HOME), not in Ray's
+    copy of the code: after a code edit the resubmitted job finds its checkpoint and resumes."""
+    code_dir, home = tmp_path / "code", tmp_path / "home"
+    shutil.copytree(ROOT, code_dir, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "gpu_kit",
+                                                                  "*.egg-info", ".pytest_cache"))
+    env = {"HOME": str(home), "RLVR_CACHE": str(cache_dir())}
+    args = ["train.steps=4", "train.output_dir=runs/relative", "eval.every=0", "ckpt.export_hf=false"]
+    code, log = submit(head, *args, "train.stop_after=2", working_dir=code_dir, env=env)
+    out = home / "rlvr" / "runs" / "relative"
+    assert code == 0 and f"output dir {out}" in log, log[-3000:]
+    with open(code_dir / "launch" / "train.py", "a") as f:
+        f.write("\n# an edit between submissions: Ray unpacks this code into a new folder\n")
+    code, log = submit(head, *args, working_dir=code_dir, env=env)
+    assert code == 0 and "resumed from" in log and "at step 2" in log, log[-3000:]
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_make_run_stopped_by_a_signal_leaves_nothing_behind(sig, tmp_path):
+    """`make run` killed the ways a user kills it (kill on make; Ctrl-C and a closed terminal on the whole process
+    group): its Ray head and job stop, and the head's temp dir is removed."""
+    make = subprocess.Popen(["make", "--no-print-directory", "run",
+                             f"ARGS=--config toy_tiny_cpu.yaml train.output_dir={tmp_path} eval.every=0 "
+                             "log.sample_every=0 train.steps=200"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, head = [], None
+    for line in make.stdout:
+        lines.append(line)
+        head = head or re.search(r"temp dir (\S+), pid (\d+)\)", line)
+        if head and (sig != "SIGTERM" or "grpo:" in line):  # SIGTERM once the job trains; the others at once
+            break
+    assert head, "".join(lines)[-3000:]
+    temp_dir, head_pid = head.group(1), int(head.group(2))
+    runner = [p for p in procs.descendants(make.pid) if "launch.local_job" in procs.title(p)]
+    assert len(runner) == 1
+    if sig == "SIGTERM":
+        os.kill(make.pid, signal.SIGTERM)  # `kill <make>`: make passes it on (and the child has PDEATHSIG)
+    else:
+        os.killpg(make.pid, getattr(signal, sig))  # the terminal signals the whole foreground group
+    threading.Thread(target=lambda: lines.extend(make.stdout), daemon=True).start()  # keep the pipe drained
+    procs.wait_for(lambda: not (_group_alive(head_pid) or Path(temp_dir).exists() or procs.alive(runner[0])), 180,
+                   0.5, f"the runner, the head's processes and its temp dir gone after {sig}")
+    if sig == "SIGTERM":  # the job was training: it stopped at a step boundary with a checkpoint
+        assert latest_checkpoint(tmp_path) is not None, "".join(lines)[-3000:]

@@ -1,0 +1,193 @@
+"""Faults in a running job, made with real signals: kill -9 and SIGSTOP of engine and learner processes.
+
+The driver runs in this process (`launch.train.train`, the function `launch/gsm8k.py` calls inside `ray job submit`)
+on the session's local Ray cluster; a thread watches where the driver is (its live call stack) and which actor runs
+which method (Ray's process titles), and sends the signal at the moment each test names. Every run is compared with
+an undisturbed run of the same config: the same steps, once each, on the same prompts, with all their groups.
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from launch.config import load_config
+from launch.metrics import read_jsonl
+from launch.train import train
+from tests import procs
+
+pytestmark = pytest.mark.integration
+
+STEPS, PROMPTS, N = 6, 4, 8
+ARGS = [f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}", "rollout.num_engines=2",
+        "eval.every=0", "log.sample_every=0", "log.tensorboard=false", "ckpt.every=2", "ckpt.export_hf=false",
+        "timeouts.generate_s=20", "timeouts.broadcast_s=15"]
+
+
+def steps_done(out) -> int:
+    try:
+        return len([r for r in read_jsonl(out / "metrics.jsonl") if "reward" in r])
+    except ValueError:  # a line read while it is being written
+        return 0
+
+
+class Saboteur(threading.Thread):
+    """Runs `act` beside the driver; keeps what it returned or raised."""
+
+    def __init__(self, act):
+        super().__init__(daemon=True)
+        self.act, self.result, self.error = act, None, None
+
+    def run(self):
+        try:
+            self.result = self.act()
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            self.error = err
+
+
+def run_job(out, act=None, *extra):
+    cfg = load_config("toy_tiny_cpu.yaml", ARGS + [f"train.output_dir={out}", *extra])
+    saboteur = Saboteur(act) if act else None
+    if saboteur:
+        saboteur.start()
+    train(cfg)
+    if saboteur:
+        saboteur.join(timeout=10)
+        assert saboteur.error is None, f"the fault was not injected: {saboteur.error!r}"
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "reward" in r]
+    leftovers = procs.wait_for(lambda: not (procs.actor_pids("RolloutEngine") or procs.actor_pids("LearnerWorker")),
+                               30, 0.5, "every actor process gone after the run")
+    assert leftovers
+    return rows, saboteur.result if saboteur else None
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_local, tmp_path_factory):
+    rows, _ = run_job(tmp_path_factory.mktemp("undisturbed"))
+    return rows
+
+
+def assert_complete(rows, undisturbed):
+    """Every step once, the undisturbed run's prompts, all groups with all samples, the expected weights."""
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in undisturbed]
+    for r in rows:
+        assert (r["groups"], r["samples"], r["dropped_prompts"]) == (PROMPTS, PROMPTS * N, 0), r
+    updated = [r["step"] for r in rows if "loss" in r]
+    for r in rows:
+        assert r["weight_version"] == max([s for s in updated if s < r["step"]], default=0)
+
+
+def engine_generating():
+    """An engine process while it generates, as long as the driver is in the generate phase."""
+    if not procs.driver_in("generate", "rollout/group.py"):
+        return None
+    return next((pid for pid, t in procs.actor_pids("RolloutEngine").items() if ".generate" in t), None)
+
+
+def restarts_of(rows):
+    return [r for row in rows for r in row.get("restarts", [])]
+
+
+def assert_replacement_follows_the_learner(rows):
+    """Checked at readmission and again after the next ordinary sync: greedy tokens are the learner's argmax, and
+    their logprobs are the learner's (fp32 on CPU: within 1e-4)."""
+    checks = [c for row in rows for c in row.get("replacement_checks", [])]
+    assert len(checks) == 2 and checks[1]["version"] == checks[0]["version"] + 1, checks
+    for c in checks:
+        assert c["greedy_match"] and c["max_abs_logprob_diff"] < 1e-4, c
+
+
+def test_engine_killed_mid_generate(undisturbed, tmp_path):
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        pid = procs.wait_for(engine_generating, 120, what="an engine generating")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    rows, killed = run_job(tmp_path, act)
+    assert_complete(rows, undisturbed)
+    restarts = restarts_of(rows)
+    assert len(restarts) == 1 and rows[-1]["engine_restarts"] == 1, restarts
+    assert restarts[0]["phase"] == "generate" and f"pid {killed}" in restarts[0]["cause"]
+    assert "died" in restarts[0]["cause"] and restarts[0]["seconds"] > 0
+    assert_replacement_follows_the_learner(rows)
+    assert rows[-1]["job_restarts"] == 0
+
+
+def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
+    """The engine is frozen while the learner trains, so the weight sync starts without it and waits; it is killed
+    while the learner and the other engine are in that sync."""
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        procs.wait_for(lambda: procs.driver_in("train_step", "learner/group.py"), 120, what="a train step")
+        pid = next(iter(procs.actor_pids("RolloutEngine")))
+        os.kill(pid, signal.SIGSTOP)
+        procs.wait_for(lambda: procs.driver_in("sync", "launch/cluster.py"), 60, what="the weight sync")
+        time.sleep(1.0)
+        in_sync = procs.driver_in("sync", "launch/cluster.py")
+        os.kill(pid, signal.SIGKILL)
+        return pid, in_sync
+
+    rows, (killed, in_sync) = run_job(tmp_path, act)
+    assert in_sync  # the driver was still waiting on the sync when the engine died
+    assert_complete(rows, undisturbed)
+    restarts = restarts_of(rows)
+    assert len(restarts) == 1 and restarts[0]["phase"] == "weight sync" and f"pid {killed}" in restarts[0]["cause"]
+    assert_replacement_follows_the_learner(rows)
+
+
+def test_engine_stopped_is_detected_and_replaced(undisturbed, tmp_path):
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        pid = procs.wait_for(engine_generating, 120, what="an engine generating")
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
+    rows, stopped = run_job(tmp_path, act)
+    assert_complete(rows, undisturbed)
+    restarts = restarts_of(rows)
+    assert len(restarts) == 1 and restarts[0]["phase"] == "generate", restarts
+    assert "did not answer within 20s" in restarts[0]["cause"] and f"pid {stopped}" in restarts[0]["cause"]
+    step = next(r for r in rows if r.get("restarts"))
+    assert 20 <= step["time/generate"] < 20 + step["recover_seconds"] + 30  # found at its timeout, not later
+    assert not procs.alive(stopped)  # the stopped process was killed, not left behind
+    assert_replacement_follows_the_learner(rows)
+
+
+def test_learner_killed_resumes_from_checkpoint_in_the_same_job(undisturbed, tmp_path):
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 5, 300, 0.05, "step 5 done")
+        procs.wait_for(lambda: procs.driver_in("train_step", "learner/group.py"), 120, what="step 6's train step")
+        pid = next(iter(procs.actor_pids("LearnerWorker")))
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    rows, killed = run_job(tmp_path, act)
+    assert_complete(rows, undisturbed)  # each step once in metrics.jsonl, on the same prompts
+    last = rows[-1]
+    assert last["job_restarts"] == 1 and last["engine_restarts"] == 0
+    assert last["steps_recomputed"] == 2 <= 2  # resumed from step 4; steps 5 and 6 again: at most ckpt.every
+    assert [r["step"] for r in rows if "job_recover_seconds" in r] == [5]
+    assert not procs.alive(killed)
+
+
+def test_restart_budget_ends_the_run_with_the_causes(ray_local, tmp_path):
+    """rollout.max_restarts=0: the first engine failure stops the job with a clear error naming engine and cause."""
+    from rollout.group import EngineRestartsExhausted
+
+    def act():
+        pid = procs.wait_for(engine_generating, 300, what="an engine generating")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    saboteur = Saboteur(act)
+    saboteur.start()
+    cfg = load_config("toy_tiny_cpu.yaml", ARGS + [f"train.output_dir={tmp_path}", "rollout.max_restarts=0"])
+    with pytest.raises(EngineRestartsExhausted, match=r"engine \d \(pid \d+ .*\) died .* during generate.*"
+                                                      r"rollout.max_restarts=0"):
+        train(cfg)
+    saboteur.join(timeout=10)
+    assert saboteur.error is None
+    assert procs.wait_for(lambda: not procs.actor_pids("RolloutEngine"), 30, 0.5, "engines gone")
