@@ -63,10 +63,10 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
 
 class LearnerGroup:
     def __init__(self, model: str, device: str, cfg, grpo_cfg, *, total_steps: int, dtype: str = "auto",
-                 seed: int = 0, placement_group=None):
+                 seed: int = 0, placement_group=None, worker_cls: type = LearnerWorker):
         self.cfg, self.device = cfg, device
         n = cfg.num_workers
-        actor = ray.remote(LearnerWorker)
+        actor = ray.remote(worker_cls)  # another class only in benches (a baseline to compare with)
         threads = cfg.threads or cfg.cpus_per_worker
         self.workers = []
         for r in range(n):

@@ -27,6 +27,12 @@ def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
     return out
 
 
+def plain_logprobs(model, s: TrainSample) -> torch.Tensor:
+    """log softmax(logits / T) of each completion token: one unpadded forward of the whole [C, V] logits."""
+    logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0, len(s.prompt_ids) - 1:-1] / T
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+
+
 def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, float, dict]:
     """The same GRPO step written plainly: one unpadded forward per sequence, torch AdamW and clipping."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -34,9 +40,7 @@ def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, 
     total_tokens = sum(len(s.completion_ids) for s in samples)
     loss = 0.0
     for s in samples:
-        ids = torch.tensor([s.prompt_ids + s.completion_ids])
-        logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
-        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+        lp = plain_logprobs(model, s)
         ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
         loss = loss - (ratio * s.advantage).sum() / total_tokens
     loss.backward()
@@ -50,18 +54,14 @@ def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
 
-    def logprobs(s):
-        logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0, len(s.prompt_ids) - 1:-1] / T
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
-
     with torch.no_grad():
-        old = [logprobs(s) for s in samples]
+        old = [plain_logprobs(model, s) for s in samples]
     half = len(samples) // 2
     for part in (range(half), range(half, len(samples))):
         total = sum(len(samples[i].completion_ids) for i in part)
         loss = 0.0
         for i in part:
-            ratio = torch.exp(logprobs(samples[i]) - old[i])
+            ratio = torch.exp(plain_logprobs(model, samples[i]) - old[i])
             a = samples[i].advantage
             loss = loss - torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a).sum() / total
         loss.backward()
@@ -69,6 +69,30 @@ def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_
         opt.step()
         opt.zero_grad()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reference_kl_steps(model_path: str, batches: list[list[TrainSample]], beta: float) -> tuple[float, dict]:
+    """One on-policy step per batch with the k3 KL to the initial model, written plainly. Returns the last step's
+    mean KL per token (before its update) and the final weights."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    for samples in batches:
+        total = sum(len(s.completion_ids) for s in samples)
+        loss, kl_sum = 0.0, 0.0
+        for s in samples:
+            lp = plain_logprobs(model, s)
+            with torch.no_grad():
+                ref_lp = plain_logprobs(ref, s)
+            d = ref_lp - lp
+            kl = torch.exp(d) - d - 1
+            loss = loss + (-torch.exp(lp - lp.detach()) * s.advantage + beta * kl).sum() / total
+            kl_sum += kl.sum().item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    return kl_sum / total, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def learner_cfg(stage: int, **kw) -> LearnerConfig:
@@ -108,6 +132,32 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
     assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
+
+
+def test_zero3_builds_each_model_partitioned(zero2, zero3):
+    assert all(info["partitioned_at_build"] for info in zero3.infos)  # built inside zero.Init, never whole
+    assert not any(info["partitioned_at_build"] for info in zero2.infos)
+    assert all(info["ref_params_local"] == 0 for info in zero3.infos)  # beta 0: no reference model at all
+
+
+def test_zero3_kl_step_equals_plain_torch(ray_local, tiny_model):
+    beta = 0.5
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(3), GRPOConfig(beta=beta), total_steps=10).ready()
+    try:
+        total = group.infos[0]["params"]
+        for info in group.infos:  # the reference is partitioned too: about half of it on each of the 2 ranks
+            assert 0.45 * total < info["ref_params_local"] < 0.55 * total
+        batches = [make_batch(8), make_batch(9)]
+        first = group.train_step(batches[0], T)
+        assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
+        m = group.train_step(batches[1], T)
+        ref_kl, ref_weights = reference_kl_steps(tiny_model, batches, beta)
+        assert ref_kl > 1e-4 and m["kl"] == pytest.approx(ref_kl, rel=1e-4)
+        # Two Adam steps amplify float noise where gradients are near zero (2e-5 seen); a KL term dropped or scaled
+        # by 0.9 moves the weights by 1.6e-3.
+        assert max_diff(group.full_state_dict(), ref_weights) < 1e-4
+    finally:
+        group.shutdown()
 
 
 def test_two_minibatches_recompute_old_logprobs_and_clip(ray_local, tiny_model):
