@@ -44,8 +44,8 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def worker_env(device: str, threads: int) -> dict[str, str]:
     """Environment for a learner process, set before torch/DeepSpeed are imported (Ray `runtime_env`)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if device == "cpu":
-        env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+    if device == "cpu":  # CUDA_VISIBLE_DEVICES blank: a CPU rank never touches a GPU that the machine may have
+        env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     return env
 
 
