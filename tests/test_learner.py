@@ -4,54 +4,20 @@ import threading
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
 
 from launch import checkpoint
 from launch.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
+from reference import CLIP, LR, T, load, make_batch, max_diff, plain_logprobs, reference_step, state
 
 pytestmark = pytest.mark.integration
-LR, CLIP, T = 1e-3, 0.5, 0.8
-
-
-def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p, c = 3 + i % 4, 2 + (i * 3) % 7  # uneven prompt and completion lengths: padding on both sides
-        out.append(TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
-                               torch.randint(3, 500, (c,), generator=g).tolist(),
-                               (-torch.rand(c, generator=g) * 5).tolist(), float(torch.randn(1, generator=g))))
-    return out
-
-
-def plain_logprobs(model, s: TrainSample) -> torch.Tensor:
-    """log softmax(logits / T) of each completion token: one unpadded forward of the whole [C, V] logits."""
-    logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0, len(s.prompt_ids) - 1:-1] / T
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
-
-
-def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, float, dict]:
-    """The same GRPO step written plainly: one unpadded forward per sequence, torch AdamW and clipping."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
-    total_tokens = sum(len(s.completion_ids) for s in samples)
-    loss = 0.0
-    for s in samples:
-        lp = plain_logprobs(model, s)
-        ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
-        loss = loss - (ratio * s.advantage).sum() / total_tokens
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-    opt.step()
-    return loss.item(), norm.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_low=0.2, clip_high=0.28) -> dict:
     """Two optimizer steps on consecutive halves, old logprobs from the initial policy: the PPO-style path."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = load(model_path)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
 
     with torch.no_grad():
@@ -68,14 +34,13 @@ def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state(model)
 
 
 def reference_kl_steps(model_path: str, batches: list[list[TrainSample]], beta: float) -> tuple[float, dict]:
     """One on-policy step per batch with the k3 KL to the initial model, written plainly. Returns the last step's
     mean KL per token (before its update) and the final weights."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model, ref = load(model_path), load(model_path).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
     for samples in batches:
         total = sum(len(s.completion_ids) for s in samples)
@@ -92,7 +57,7 @@ def reference_kl_steps(model_path: str, batches: list[list[TrainSample]], beta: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
-    return kl_sum / total, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return kl_sum / total, state(model)
 
 
 def learner_cfg(stage: int, **kw) -> LearnerConfig:
@@ -114,10 +79,6 @@ def zero3(ray_local, tiny_model):
     group.shutdown()
 
 
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
-
-
 @pytest.mark.parametrize("group_name", ["zero2", "zero3"])
 def test_step_equals_plain_torch(group_name, request, tiny_model):
     group = request.getfixturevalue(group_name)
@@ -129,7 +90,7 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     assert ref_norm > CLIP  # the clipping branch ran
     weights = group.full_state_dict()
-    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    start = load(tiny_model).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
     assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
 
@@ -232,7 +193,7 @@ def test_broadcast_into_live_engines_matches_learner(zero2, engines, tiny_model)
     ray.get(zero2.open_weight_group("gloo", host, port, world, 60) +
             engines.open_weight_group("gloo", host, port, world, 60, plan))
     ray.get(zero2.broadcast_weights(11) + engines.receive_weights(11))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = load(tiny_model)
     model.load_state_dict(zero2.full_state_dict())
     groups = engines.generate([[5, 6, 7, 8], [40, 41]], 4, temperature=T, max_tokens=12)
     for s in [s for g in groups for s in g]:
@@ -257,5 +218,5 @@ def test_nonfinite_loss_skips_the_step_then_aborts(zero2):
 
 def test_export_hf_loads_in_transformers(zero3, tmp_path, tiny_model):
     path = zero3.export_hf(str(tmp_path / "hf"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load(path)
     assert max_diff(model.state_dict(), zero3.full_state_dict()) == 0.0
