@@ -143,6 +143,7 @@ def prepare() -> None:
             offset += path.stat().st_size
         cut(stream, name, manifest)
     shutil.rmtree(work)
+    shutil.rmtree(files)  # the parts hold every byte
     (KIT / "manifest.json").write_text(json.dumps(manifest, indent=1))
     report(manifest, time.time() - start)
 
