@@ -49,8 +49,8 @@ def chunked_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperat
 
     hidden [B, C, H]; head maps [N, H] → logits [N, V]; targets [B, C]. The result equals the two functions above
     applied to the whole [B, C, V] logits, but no more than one chunk of logits exists at once: when gradients are
-    on, each chunk is recomputed in backward (activation checkpointing) instead of being kept for it. Entropy is a
-    no-grad statistic.
+    on and there are several chunks, each is recomputed in backward (activation checkpointing) instead of being
+    kept for it, which costs one more pass of the head. Entropy is a no-grad statistic.
     """
     B, C, H = hidden.shape
     flat, flat_targets = hidden.reshape(B * C, H), targets.reshape(B * C)
@@ -60,11 +60,12 @@ def chunked_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperat
         lp = token_logprobs(logits, t, temperature)  # first: the recomputation in backward stops after it
         return lp, entropy(logits, temperature) if with_entropy else logits.new_empty(0)
 
-    keep_graph = torch.is_grad_enabled() and flat.requires_grad
+    # One chunk is within the budget by definition: autograd keeps it, nothing is recomputed.
+    checkpointed = torch.is_grad_enabled() and flat.requires_grad and B * C > chunk
     lps, ents = [], []
     for start in range(0, B * C, chunk):
         h, t = flat[start:start + chunk], flat_targets[start:start + chunk]
-        lp, ent = checkpoint(one_chunk, h, t, use_reentrant=False) if keep_graph else one_chunk(h, t)
+        lp, ent = checkpoint(one_chunk, h, t, use_reentrant=False) if checkpointed else one_chunk(h, t)
         lps.append(lp)
         ents.append(ent)
     lp = torch.cat(lps).view(B, C)
