@@ -1,20 +1,135 @@
-"""Learner benchmark, one run: GRPO training tokens/s of the DeepSpeed learner in Ray actors, and the weight
-broadcast from rank 0 (pack + send, receiver just receiving) ÷ one raw flat gloo broadcast of the same bytes
-between the same kind of processes.
+"""Learner benchmark, one run (ratios within the run: these machines are noisy):
+
+1. Memory of one micro-batch's logprobs at Qwen's vocabulary (151,936), before and after chunking. "Before" is the
+   implementation that made the whole [B, C, V] logits and took log-softmax and entropy over them
+   (`BaselineWorker` below, kept as the baseline); "after" is `LearnerWorker._completion_logprobs`. Each runs in a
+   fresh subprocess: a random Qwen2 (hidden 64, 2 layers, tied embeddings, ~10M parameters, nearly all in the
+   embedding), one micro-batch of 8 × (64 prompt + 256 completion) tokens, forward, GRPO loss, backward, entropy.
+   The figure is the process's peak resident memory after the micro-batch (`ru_maxrss`: the kernel's high-water
+   mark, which sees every allocation, torch's included, with no tracing overhead) minus its resident memory just
+   before it (VmRSS): what the micro-batch itself costs. The "before" process peaks near 5 GiB.
+2. Learner CPU tokens/s through DeepSpeed in Ray actors, before and after, at vocabulary 151,936 (a random Qwen2 of
+   hidden 256, 4 layers), same batch: chunking recomputes the output head in backward, so it costs time here.
+3. At the small bench model (vocabulary 512, ~25M params): GRPO training tokens/s, and the weight broadcast from
+   rank 0 (pack + send, receiver just receiving) ÷ one raw flat gloo broadcast of the same bytes.
 
     .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32]
 """
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import common
 import ray
 import torch
 
-from launch.config import GRPOConfig, LearnerConfig
-from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
+from launch.config import GRPOConfig, LearnerConfig
+from learner import grpo
+from learner.group import LearnerGroup
+from learner.worker import LearnerWorker
+
+QWEN_VOCAB = 151_936
+
+
+class BaselineWorker(LearnerWorker):
+    """The learner before chunking: the whole [B, C, V] logits, log-softmax and entropy over them in fp32."""
+
+    def _logits(self, model, batch) -> torch.Tensor:
+        C = batch["mask"].shape[1]
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+
+    def _completion_logprobs(self, model, batch, temperature, with_entropy=False):
+        logits = self._logits(model, batch)
+        lp = grpo.token_logprobs(logits, batch["input_ids"][:, -logits.shape[1]:], temperature)
+        return lp, grpo.entropy(logits, temperature) if with_entropy else None
+
+
+def wide_vocab_model(hidden: int, layers: int, vocab: int = QWEN_VOCAB) -> str:
+    """A random Qwen2 with Qwen's vocabulary size (weights and config only: the learner needs no tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from core.models import _atomic_build, cache_dir
+
+    def build(path):
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=True, dtype="float32")
+        Qwen2ForCausalLM(config).save_pretrained(path)
+
+    return str(_atomic_build(cache_dir() / f"bench-qwen2-v{vocab}-h{hidden}-l{layers}", build))
+
+
+def make_batch(n: int, prompt_len: int, completion_len: int, seed: int = 0) -> list[TrainSample]:
+    g = torch.Generator().manual_seed(seed)
+    return [TrainSample(torch.randint(3, 500, (prompt_len,), generator=g).tolist(),
+                        torch.randint(3, 500, (completion_len,), generator=g).tolist(),
+                        [-1.0] * completion_len, float(torch.randn(1, generator=g))) for _ in range(n)]
+
+
+def resident_kib() -> int:
+    """This process's resident memory now (ru_maxrss is the peak so far; both in KiB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def one_microbatch_memory(which: str, model_path: str, samples: int, prompt_len: int, completion_len: int) -> dict:
+    """In this (fresh) process: one micro-batch's forward, loss, backward and entropy; peak RSS growth in MiB."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    worker = BaselineWorker.__new__(BaselineWorker)  # its _collate and both logprob paths, without DeepSpeed
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    worker.pad_id, worker.device, worker.chunk = 0, "cpu", grpo.chunk_positions(model.config.vocab_size)
+    batch = worker._collate(make_batch(samples, prompt_len, completion_len))
+    base = resident_kib()
+    if which == "before":  # in the order train_step had: logits alive through backward, entropy after it
+        logits = worker._logits(model, batch)
+        lp = grpo.token_logprobs(logits, batch["input_ids"][:, -logits.shape[1]:], 1.0)
+    else:
+        lp, ent = LearnerWorker._completion_logprobs(worker, model, batch, 1.0, with_entropy=True)
+    loss, _ = grpo.policy_loss(lp, lp.detach(), batch["adv"], batch["mask"])
+    grpo.aggregate(loss, batch["mask"], "token_mean", float(batch["mask"].sum())).backward()
+    if which == "before":
+        ent = grpo.entropy(logits, 1.0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024, "entropy": float(ent.mean())}
+
+
+def memory_before_after(args) -> None:
+    model = wide_vocab_model(hidden=64, layers=2)
+    shape = dict(samples=8, prompt_len=64, completion_len=args.memory_completion_len)
+    got = {}
+    for which in ("before", "after"):
+        out = subprocess.run([sys.executable, __file__, "--one-microbatch", which, model, json.dumps(shape)],
+                             capture_output=True, text=True, check=True)
+        got[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    b, a = got["before"], got["after"]
+    gib = 8 * (shape["completion_len"] + 1) * QWEN_VOCAB * 4 / 2**30
+    print(f"logprob memory of one micro-batch, vocabulary {QWEN_VOCAB:,}, 8 × ({shape['prompt_len']} + "
+          f"{shape['completion_len']}) tokens (one fp32 [B, C+1, V] copy is {gib:.2f} GiB), fresh processes:")
+    print(f"  before (whole logits): +{b['growth_mib']:.0f} MiB (process peak {b['peak_mib']:.0f} MiB)")
+    print(f"  after  (chunked)     : +{a['growth_mib']:.0f} MiB (process peak {a['peak_mib']:.0f} MiB)")
+    print(f"  ratio before / after = {b['growth_mib'] / a['growth_mib']:.1f}  (mean entropy {b['entropy']:.6f} vs "
+          f"{a['entropy']:.6f})")
+
+
+def train_tokens_per_s(model: str, cfg: LearnerConfig, batch: list[TrainSample], steps: int,
+                       worker_cls=LearnerWorker) -> tuple[float, LearnerGroup, dict]:
+    learners = LearnerGroup(model, "cpu", cfg, GRPOConfig(), total_steps=100, worker_cls=worker_cls).ready()
+    learners.train_step(batch, 1.0)  # warm-up
+    seconds = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        m = learners.train_step(batch, 1.0)
+        seconds.append(time.perf_counter() - t)
+    return sum(len(s.completion_ids) for s in batch) / min(seconds), learners, m
 
 
 def main() -> None:
@@ -27,28 +142,37 @@ def main() -> None:
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=32)
+    ap.add_argument("--memory-completion-len", type=int, default=256)
+    ap.add_argument("--one-microbatch", nargs=3, metavar=("WHICH", "MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model = common.bench_model()
+    if args.one_microbatch:
+        which, model, shape = args.one_microbatch
+        print(json.dumps(one_microbatch_memory(which, model, **json.loads(shape))))
+        return
+    memory_before_after(args)
+
     common.start_ray(num_cpus=max(4, args.ranks + 1))
     cfg = LearnerConfig(num_workers=args.ranks, threads=args.threads, zero_stage=args.zero, lr=1e-5,
                         micro_batch_size=8, bucket_mb=args.bucket_mb)
-    learners = LearnerGroup(model, "cpu", cfg, GRPOConfig(), total_steps=100).ready()
-    g = torch.Generator().manual_seed(0)
-    batch = [TrainSample(torch.randint(3, 500, (args.prompt_len,), generator=g).tolist(),
-                         torch.randint(3, 500, (args.completion_len,), generator=g).tolist(),
-                         [-1.0] * args.completion_len, float(torch.randn(1, generator=g))) for _ in range(args.samples)]
-    learners.train_step(batch, 1.0)  # warm-up
-    seconds = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        m = learners.train_step(batch, 1.0)
-        seconds.append(time.perf_counter() - t)
-    step = min(seconds)
+    wide = wide_vocab_model(hidden=256, layers=4)
+    wide_batch = make_batch(16, args.prompt_len, args.completion_len)
+    rates = {}
+    for name, cls in (("before", BaselineWorker), ("after", LearnerWorker)):
+        rates[name], group, _ = train_tokens_per_s(wide, cfg, wide_batch, args.steps, cls)
+        group.shutdown()
+    print(f"learner CPU completion tokens/s at vocabulary {QWEN_VOCAB:,} (random Qwen2 hidden 256, 4 layers; "
+          f"16 samples of {args.prompt_len}+{args.completion_len}; {args.ranks} rank(s) × {args.threads} "
+          f"thread(s), ZeRO-{args.zero}, best of {args.steps}): before {rates['before']:.0f}, after "
+          f"{rates['after']:.0f}, ratio after / before {rates['after'] / rates['before']:.2f}")
+
+    batch = make_batch(args.samples, args.prompt_len, args.completion_len)
+    rate, learners, m = train_tokens_per_s(common.bench_model(), cfg, batch, args.steps)
     total = args.samples * (args.prompt_len + args.completion_len)
+    step = args.samples * args.completion_len / rate
     print(f"learner bench: random Qwen2 ~25M params, {args.ranks} rank(s) × {args.threads} thread(s), ZeRO-{args.zero}, "
           f"fp32; {args.samples} samples of {args.prompt_len}+{args.completion_len} tokens per step")
-    print(f"  step {step:.2f} s (best of {args.steps}): {args.samples * args.completion_len / step:.0f} completion "
-          f"tokens/s, {total / step:.0f} tokens/s through forward+backward (grad norm {m['grad_norm']:.3f})")
+    print(f"  step {step:.2f} s (best of {args.steps}): {rate:.0f} completion tokens/s, {total / step:.0f} tokens/s "
+          f"through forward+backward (grad norm {m['grad_norm']:.3f})")
 
     plan = learners.weight_plan()
     nbytes = sum(b.nbytes for b in plan)

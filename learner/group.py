@@ -67,10 +67,10 @@ class LearnerGroup:
     raises it at the phase's timeout, naming the rank; the driver then restarts the job from its checkpoint."""
 
     def __init__(self, model: str, device: str, cfg, grpo_cfg, *, total_steps: int, dtype: str = "auto",
-                 seed: int = 0, placement_group=None, timeouts=Timeouts()):
+                 seed: int = 0, placement_group=None, timeouts=Timeouts(), worker_cls: type = LearnerWorker):
         self.cfg, self.device, self.timeouts = cfg, device, timeouts
         n = cfg.num_workers
-        actor = ray.remote(LearnerWorker)
+        actor = ray.remote(worker_cls)  # another class only in benches (a baseline to compare with)
         threads = cfg.threads or cfg.cpus_per_worker
         self.workers = []
         for r in range(n):

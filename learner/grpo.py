@@ -5,6 +5,7 @@ No Ray, vLLM or DeepSpeed here; `tests/test_grpo.py` checks every branch against
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -35,6 +36,40 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / T) per position: logsumexp(z) − Σ p·z."""
     z = logits.float() / temperature
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def chunk_positions(vocab_size: int, chunk_elements: int = 1 << 25) -> int:
+    """Positions per chunk so that one chunk of fp32 logits holds about `chunk_elements` values (128 MiB)."""
+    return max(1, chunk_elements // vocab_size)
+
+
+def chunked_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,
+                     chunk: int = 256, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` (and `entropy`) of head(hidden), computed `chunk` positions at a time.
+
+    hidden [B, C, H]; head maps [N, H] → logits [N, V]; targets [B, C]. The result equals the two functions above
+    applied to the whole [B, C, V] logits, but no more than one chunk of logits exists at once: when gradients are
+    on and there are several chunks, each is recomputed in backward (activation checkpointing) instead of being
+    kept for it, which costs one more pass of the head. Entropy is a no-grad statistic.
+    """
+    B, C, H = hidden.shape
+    flat, flat_targets = hidden.reshape(B * C, H), targets.reshape(B * C)
+
+    def one_chunk(h: torch.Tensor, t: torch.Tensor):
+        logits = head(h)
+        lp = token_logprobs(logits, t, temperature)  # first: the recomputation in backward stops after it
+        return lp, entropy(logits, temperature) if with_entropy else logits.new_empty(0)
+
+    # One chunk is within the budget by definition: autograd keeps it, nothing is recomputed.
+    checkpointed = torch.is_grad_enabled() and flat.requires_grad and B * C > chunk
+    lps, ents = [], []
+    for start in range(0, B * C, chunk):
+        h, t = flat[start:start + chunk], flat_targets[start:start + chunk]
+        lp, ent = checkpoint(one_chunk, h, t, use_reentrant=False) if checkpointed else one_chunk(h, t)
+        lps.append(lp)
+        ents.append(ent)
+    lp = torch.cat(lps).view(B, C)
+    return lp, torch.cat(ents).view(B, C) if with_entropy else None
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

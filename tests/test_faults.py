@@ -20,7 +20,7 @@ from tests import procs
 pytestmark = pytest.mark.integration
 
 STEPS, PROMPTS, N = 6, 4, 8
-ARGS = [f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}", "rollout.num_engines=2",
+ARGS = ["train.device=cpu", f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}", "rollout.num_engines=2",
         "eval.every=0", "log.sample_every=0", "log.tensorboard=false", "ckpt.every=2", "ckpt.export_hf=false",
         "timeouts.generate_s=20", "timeouts.broadcast_s=15"]
 
@@ -63,7 +63,7 @@ def run_job(out, act=None, *extra):
 
 
 @pytest.fixture(scope="module")
-def undisturbed(ray_local, tmp_path_factory):
+def undisturbed(ray_local, cpu_vllm, tmp_path_factory):
     rows, _ = run_job(tmp_path_factory.mktemp("undisturbed"))
     return rows
 
@@ -173,7 +173,7 @@ def test_learner_killed_resumes_from_checkpoint_in_the_same_job(undisturbed, tmp
     assert not procs.alive(killed)
 
 
-def test_restart_budget_ends_the_run_with_the_causes(ray_local, tmp_path):
+def test_restart_budget_ends_the_run_with_the_causes(ray_local, cpu_vllm, tmp_path):
     """rollout.max_restarts=0: the first engine failure stops the job with a clear error naming engine and cause."""
     from rollout.group import EngineRestartsExhausted
 

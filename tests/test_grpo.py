@@ -53,6 +53,51 @@ def test_entropy():
     assert grpo.entropy(torch.tensor([[[0.0, 100.0]]])).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_chunk_positions():
+    assert grpo.chunk_positions(151_936) == 220  # 2^25 fp32 logits: 128 MiB per chunk
+    assert grpo.chunk_positions(10, chunk_elements=25) == 2 and grpo.chunk_positions(10**9) == 1
+
+
+def _old_logprobs_and_entropy(hidden, head, targets, temperature):
+    """Today's implementation before chunking: the whole [B, C, V] logits, then the two functions."""
+    logits = head(hidden)
+    return grpo.token_logprobs(logits, targets, temperature), grpo.entropy(logits, temperature)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])  # one position, dividing, not dividing, one chunk for all
+def test_chunked_logprobs_equal_the_whole_logits_with_gradients(chunk):
+    torch.manual_seed(0)
+    B, C, H, V, T = 3, 5, 8, 50, 0.7
+    head = torch.nn.Linear(H, V, bias=True)
+    hidden = torch.randn(B, C, H, requires_grad=True)
+    targets = torch.randint(0, V, (B, C))
+    weights = torch.randn(B, C)  # an arbitrary loss on top, so every position's gradient differs
+
+    old_lp, old_ent = _old_logprobs_and_entropy(hidden, head, targets, T)
+    old_grads = torch.autograd.grad((old_lp * weights).sum(), [hidden, head.weight, head.bias])
+    lp, ent = grpo.chunked_logprobs(hidden, head, targets, T, chunk=chunk, with_entropy=True)
+    grads = torch.autograd.grad((lp * weights).sum(), [hidden, head.weight, head.bias])
+
+    assert lp.shape == ent.shape == (B, C) and lp.requires_grad and not ent.requires_grad
+    assert (lp - old_lp).abs().max() < 1e-6 and (ent - old_ent).abs().max() < 1e-6
+    for g, old in zip(grads, old_grads):
+        assert old.abs().max() > 1e-3 and (g - old).abs().max() < 1e-6
+
+
+def test_chunked_logprobs_hand_checked_and_without_graph():
+    # One position, logits [0, ln 2]: p = [1/3, 2/3]; entropy ln 3 − (2/3) ln 2 = 0.636514
+    head = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0], [math.log(2.0)]]))
+    hidden, target = torch.ones(1, 1, 1), torch.tensor([[1]])
+    with torch.no_grad():
+        lp, ent = grpo.chunked_logprobs(hidden, head, target, with_entropy=True)
+    assert lp.item() == pytest.approx(math.log(2 / 3), abs=1e-6)
+    assert ent.item() == pytest.approx(0.636514, abs=1e-6)
+    assert not lp.requires_grad
+    assert grpo.chunked_logprobs(hidden, head, target)[1] is None
+
+
 def test_kl_k3():
     lp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
     # d = ref − lp = −ln 2: exp(−ln 2) + ln 2 − 1 = 0.193147

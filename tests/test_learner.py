@@ -4,71 +4,60 @@ import threading
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
 
 from launch import checkpoint
 from launch.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
+from reference import CLIP, LR, T, load, make_batch, max_diff, plain_logprobs, reference_step, state
 
 pytestmark = pytest.mark.integration
-LR, CLIP, T = 1e-3, 0.5, 0.8
-
-
-def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p, c = 3 + i % 4, 2 + (i * 3) % 7  # uneven prompt and completion lengths: padding on both sides
-        out.append(TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
-                               torch.randint(3, 500, (c,), generator=g).tolist(),
-                               (-torch.rand(c, generator=g) * 5).tolist(), float(torch.randn(1, generator=g))))
-    return out
-
-
-def reference_step(model_path: str, samples: list[TrainSample]) -> tuple[float, float, dict]:
-    """The same GRPO step written plainly: one unpadded forward per sequence, torch AdamW and clipping."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
-    total_tokens = sum(len(s.completion_ids) for s in samples)
-    loss = 0.0
-    for s in samples:
-        ids = torch.tensor([s.prompt_ids + s.completion_ids])
-        logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
-        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
-        ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
-        loss = loss - (ratio * s.advantage).sum() / total_tokens
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-    opt.step()
-    return loss.item(), norm.item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_low=0.2, clip_high=0.28) -> dict:
     """Two optimizer steps on consecutive halves, old logprobs from the initial policy: the PPO-style path."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = load(model_path)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
 
-    def logprobs(s):
-        logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0, len(s.prompt_ids) - 1:-1] / T
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
-
     with torch.no_grad():
-        old = [logprobs(s) for s in samples]
+        old = [plain_logprobs(model, s) for s in samples]
     half = len(samples) // 2
     for part in (range(half), range(half, len(samples))):
         total = sum(len(samples[i].completion_ids) for i in part)
         loss = 0.0
         for i in part:
-            ratio = torch.exp(logprobs(samples[i]) - old[i])
+            ratio = torch.exp(plain_logprobs(model, samples[i]) - old[i])
             a = samples[i].advantage
             loss = loss - torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a).sum() / total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state(model)
+
+
+def reference_kl_steps(model_path: str, batches: list[list[TrainSample]], beta: float) -> tuple[float, dict]:
+    """One on-policy step per batch with the k3 KL to the initial model, written plainly. Returns the last step's
+    mean KL per token (before its update) and the final weights."""
+    model, ref = load(model_path), load(model_path).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    for samples in batches:
+        total = sum(len(s.completion_ids) for s in samples)
+        loss, kl_sum = 0.0, 0.0
+        for s in samples:
+            lp = plain_logprobs(model, s)
+            with torch.no_grad():
+                ref_lp = plain_logprobs(ref, s)
+            d = ref_lp - lp
+            kl = torch.exp(d) - d - 1
+            loss = loss + (-torch.exp(lp - lp.detach()) * s.advantage + beta * kl).sum() / total
+            kl_sum += kl.sum().item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    return kl_sum / total, state(model)
 
 
 def learner_cfg(stage: int, **kw) -> LearnerConfig:
@@ -90,10 +79,6 @@ def zero3(ray_local, tiny_model):
     group.shutdown()
 
 
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
-
-
 @pytest.mark.parametrize("group_name", ["zero2", "zero3"])
 def test_step_equals_plain_torch(group_name, request, tiny_model):
     group = request.getfixturevalue(group_name)
@@ -105,9 +90,35 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     assert ref_norm > CLIP  # the clipping branch ran
     weights = group.full_state_dict()
-    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    start = load(tiny_model).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
     assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
+
+
+def test_zero3_builds_each_model_partitioned(zero2, zero3):
+    assert all(info["partitioned_at_build"] for info in zero3.infos)  # built inside zero.Init, never whole
+    assert not any(info["partitioned_at_build"] for info in zero2.infos)
+    assert all(info["ref_params_local"] == 0 for info in zero3.infos)  # beta 0: no reference model at all
+
+
+def test_zero3_kl_step_equals_plain_torch(ray_local, tiny_model):
+    beta = 0.5
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(3), GRPOConfig(beta=beta), total_steps=10).ready()
+    try:
+        total = group.infos[0]["params"]
+        for info in group.infos:  # the reference is partitioned too: about half of it on each of the 2 ranks
+            assert 0.45 * total < info["ref_params_local"] < 0.55 * total
+        batches = [make_batch(8), make_batch(9)]
+        first = group.train_step(batches[0], T)
+        assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
+        m = group.train_step(batches[1], T)
+        ref_kl, ref_weights = reference_kl_steps(tiny_model, batches, beta)
+        assert ref_kl > 1e-4 and m["kl"] == pytest.approx(ref_kl, rel=1e-4)
+        # Two Adam steps amplify float noise where gradients are near zero (2e-5 seen); a KL term dropped or scaled
+        # by 0.9 moves the weights by 1.6e-3.
+        assert max_diff(group.full_state_dict(), ref_weights) < 1e-4
+    finally:
+        group.shutdown()
 
 
 def test_two_minibatches_recompute_old_logprobs_and_clip(ray_local, tiny_model):
@@ -182,7 +193,7 @@ def test_broadcast_into_live_engines_matches_learner(zero2, engines, tiny_model)
     ray.get(zero2.open_weight_group("gloo", host, port, world, 60) +
             engines.open_weight_group("gloo", host, port, world, 60, plan))
     ray.get(zero2.broadcast_weights(11) + engines.receive_weights(11))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = load(tiny_model)
     model.load_state_dict(zero2.full_state_dict())
     groups = engines.generate([[5, 6, 7, 8], [40, 41]], 4, temperature=T, max_tokens=12)
     for s in [s for g in groups for s in g]:
@@ -207,5 +218,5 @@ def test_nonfinite_loss_skips_the_step_then_aborts(zero2):
 
 def test_export_hf_loads_in_transformers(zero3, tmp_path, tiny_model):
     path = zero3.export_hf(str(tmp_path / "hf"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load(path)
     assert max_diff(model.state_dict(), zero3.full_state_dict()) == 0.0

@@ -1,0 +1,55 @@
+"""Plain-torch references the learner tests compare against: one unpadded forward per sequence over the whole
+[C, V] logits, torch AdamW and gradient clipping. Shared by the CPU (tests/test_learner.py) and GPU
+(tests/test_gpu.py) learner tests."""
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.types import TrainSample
+
+LR, CLIP, T = 1e-3, 0.5, 0.8
+
+
+def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, c = 3 + i % 4, 2 + (i * 3) % 7  # uneven prompt and completion lengths: padding on both sides
+        out.append(TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
+                               torch.randint(3, 500, (c,), generator=g).tolist(),
+                               (-torch.rand(c, generator=g) * 5).tolist(), float(torch.randn(1, generator=g))))
+    return out
+
+
+def load(model_path: str, device: str = "cpu"):
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+
+
+def plain_logprobs(model, s: TrainSample) -> torch.Tensor:
+    """log softmax(logits / T) of each completion token: one unpadded forward of the whole [C, V] logits."""
+    ids = torch.tensor([s.prompt_ids + s.completion_ids], device=model.device)
+    logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids, device=model.device)[:, None])[:, 0]
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def reference_step(model_path: str, samples: list[TrainSample], device: str = "cpu") -> tuple[float, float, dict]:
+    """The same GRPO step written plainly (fp32). Returns the loss, the gradient norm and the new weights."""
+    model = load(model_path, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    total_tokens = sum(len(s.completion_ids) for s in samples)
+    loss = 0.0
+    for s in samples:
+        lp = plain_logprobs(model, s)
+        ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
+        loss = loss - (ratio * s.advantage).sum() / total_tokens
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return loss.item(), norm.item(), state(model)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
