@@ -126,6 +126,32 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def check_model(path: str) -> None:
+    """Fail fast, before any actor starts, when the model cannot be had from here: a built-in name that does not
+    exist, a folder without config.json, or a hub id that is neither in the local Hugging Face cache nor reachable
+    (one request, no retries). Raises FileNotFoundError with what to do."""
+    if path.startswith("builtin:"):
+        if path not in BUILTINS:
+            raise FileNotFoundError(f"model.path {path!r}: unknown built-in; known: {sorted(BUILTINS)}")
+        return
+    folder = Path(path).expanduser()
+    if folder.exists() or path.startswith(("/", ".", "~")):
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"model.path {path!r}: no Hugging Face model folder there (no config.json)")
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(path, timeout=15)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise FileNotFoundError(
+            f"model.path {path!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
+            f"reached ({type(err).__name__}: {err}). Download it where the hub is reachable and set model.path to the folder "
+            f"(see the comments in configs/gsm8k_qwen2.5_0.5b.yaml), or use builtin:smollm2-135m-instruct") from None
+
+
 def resolve_model(path: str) -> str:
     """A path or hub id that transformers and vLLM accept; built-ins are built on first use."""
     if path.startswith("builtin:"):

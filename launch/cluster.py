@@ -43,10 +43,18 @@ def connect(address: str | None) -> str:
     return "local"
 
 
-def detect_device(requested: str) -> str:
+def detect_device(requested: str, cfg=None) -> str:
+    """`auto` → cuda when the cluster has GPUs, else cpu. A config that asks for cuda on a cluster without GPUs
+    fails here, naming what it needs (GPU presets say `train.device: cuda`, so they never quietly run on CPU)."""
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     if requested == "cuda" and not has_gpu:
-        raise ClusterTooSmall("train.device=cuda but the Ray cluster has no GPU")
+        need = ""
+        if cfg is not None:
+            learner, rollout = bundles(cfg, "cuda")
+            need = (f": GPU: need {sum(b['GPU'] for b in learner + rollout):g} (learner "
+                    f"{sum(b['GPU'] for b in learner):g} + rollout {sum(b['GPU'] for b in rollout):g}), cluster has 0")
+        raise ClusterTooSmall(f"train.device=cuda but the Ray cluster has no GPU{need}; on a machine without GPUs use "
+                              f"a CPU preset (e.g. configs/gsm8k_smollm2_cpu.yaml)")
     if requested == "auto":
         return "cuda" if has_gpu else "cpu"
     return requested

@@ -14,7 +14,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
 
-from core.models import resolve_model
+from core.models import check_model, resolve_model
 from core.types import Sample, TrainSample
 from core.waits import ActorFault
 from launch import checkpoint
@@ -208,11 +208,12 @@ def train(cfg: Config) -> dict:
     placement group is torn down and the run resumes from its latest complete checkpoint inside the same job, up to
     train.max_restarts times: at most ckpt.every steps are computed again per restart."""
     wall = time.time()
+    check_model(cfg.model.path)
     out = resolve_output_dir(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"output dir {out}")
     connect(cfg.train.ray_address)
-    device = detect_device(cfg.train.device)
+    device = detect_device(cfg.train.device, cfg)
     faults = Faults()
     with OutputLock(out), StopSignals() as stop:
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -422,6 +423,9 @@ def format_row(step: int, row: dict) -> str:
         parts.append("no update (every group filtered)")
     if "eval/accuracy" in t:
         parts.append(f"EVAL acc {t['eval/accuracy']:.3f} fmt {t['eval/format_rate']:.3f}")
+    if t.get("engine_restarts") or t.get("job_restarts"):
+        parts.append(f"restarts: engines {t['engine_restarts']} job {t['job_restarts']}" +
+                     (f" (recovered in {t['recover_seconds']:.0f}s this step)" if t.get("recover_seconds") else ""))
     times = " ".join(f"{k[5:]} {v:.1f}" for k, v in t.items() if k.startswith("time/") and k != "time/step")
     parts.append(f"| {t['time/step']:.1f}s ({times}) gen {t['gen_tokens_per_s']:.0f} tok/s")
     return "  ".join(parts)

@@ -90,9 +90,18 @@ def test_oversized_request_fails_fast_naming_the_shortfall(head):
     assert code == 2, log[-3000:]
     assert "CPU: need 65 (learner 64 + rollout 1), cluster has 4" in log
     if not torch.cuda.is_available():  # the test's Ray head sees this machine's GPUs, if any
-        code, log = submit(head, "train.device=cuda")
-        assert code == 2 and "train.device=cuda but the Ray cluster has no GPU" in log
-    assert time.time() - start < 120  # two submissions, each well inside the 60 s placement limit
+        # The GPU preset, as a new user on a machine without GPUs would run it: the model first (no hub here)...
+        code, log = head.submit(["python", "launch/gsm8k.py", "--config", "gsm8k_qwen2.5_0.5b.yaml"], timeout_s=300,
+                                env={"HF_HUB_OFFLINE": "1"})  # as here, where the hub is unreachable
+        assert code == 2 and "model.path 'Qwen/Qwen2.5-0.5B' is neither a local folder nor in the Hugging Face " \
+                             "cache" in log, log[-3000:]
+        # ...then, with a model at hand, the GPUs it asks for.
+        code, log = head.submit(["python", "launch/gsm8k.py", "--config", "gsm8k_qwen2.5_0.5b.yaml",
+                                 "model.path=builtin:tiny-qwen2"], timeout_s=300)
+        assert code == 2 and "train.device=cuda but the Ray cluster has no GPU: GPU: need 2 (learner 1 + " \
+                             "rollout 1), cluster has 0" in log, log[-3000:]
+        assert "Traceback" not in log
+    assert time.time() - start < 150  # three submissions, each failing within seconds
 
 
 def test_bad_config_fails_with_the_key_named(head):
