@@ -148,8 +148,9 @@ def check_model(path: str) -> None:
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
         raise FileNotFoundError(
             f"model.path {path!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
-            f"reached ({type(err).__name__}: {err}). Download it where the hub is reachable and set model.path to the folder "
-            f"(see the comments in configs/gsm8k_qwen2.5_0.5b.yaml), or use builtin:smollm2-135m-instruct") from None
+            f"reached ({type(err).__name__}: {err}). Download it where the hub is reachable and set model.path to the "
+            f"folder (see the comments in configs/gsm8k_qwen2.5_0.5b.yaml), or use builtin:smollm2-135m-instruct"
+        ) from None
 
 
 def resolve_model(path: str) -> str:

@@ -41,3 +41,4 @@ class TrainShard:
     global_seqs: list[int]  # sequences in each minibatch, all ranks together
     micro_batches: list[int]  # forward/backward passes every rank makes per minibatch (padded with empty ones)
     temperature: float = 1.0
+    max_tokens: int = 0  # rollout.max_tokens: the per-sequence constant of the token_sum_norm loss

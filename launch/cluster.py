@@ -223,7 +223,8 @@ class WeightChannel:
             return
         for i in engines:
             ref = self.engines.engines[i].generate.remote([self.verify_prompt], 1, 0.0, 1.0, 16)
-            [[[sample]]] = wait_all([ref], [self.engines.name(i)], "replacement check", self.engines.timeouts.generate_s)
+            [[[sample]]] = wait_all([ref], [self.engines.name(i)], "replacement check",
+                                    self.engines.timeouts.generate_s)
             if not sample.completion_ids:
                 continue
             mine = self.learners.score(sample.prompt_ids, sample.completion_ids, 1.0)

@@ -109,13 +109,25 @@ class LearnerConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
-    scale_rewards: bool = True  # divide by the group std; false = Dr.GRPO
+    scale_rewards: bool = True  # divide by the group std; false (with loss_agg: token_sum_norm) = Dr.GRPO
     eps: float = Field(1e-6, gt=0)
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)  # "clip-higher" (DAPO); equal to clip_low gives PPO's symmetric clip
-    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    # token_mean: per token over the minibatch; seq_mean: per sequence; token_sum_norm: token sums over a constant
+    # (sequences × rollout.max_tokens), Dr.GRPO's unbiased aggregation
+    loss_agg: Literal["token_mean", "seq_mean", "token_sum_norm"] = "token_mean"
     beta: float = Field(0.0, ge=0)  # KL (k3) to the initial model; 0 = off, no reference model loaded
+    # The ratio's old policy: the learner's own logprobs before the update (recomputed), or the engine's.
     old_logprobs: Literal["learner", "vllm"] = "learner"
+    # Correction for the engine ↔ learner gap (kernels, dtypes, a step of staleness): each token's policy-gradient
+    # term times min(π_old / π_vLLM, importance_cap) (token), or sequences whose mean log-ratio is beyond
+    # ±log(importance_cap) masked out (seq_mask); needs old_logprobs: learner.
+    importance: Literal["token", "seq_mask", "off"] = "token"
+    importance_cap: float = Field(2.0, gt=1)
+    # Samples cut at rollout.max_tokens: kept (off), left out of the loss (mask: DAPO overlong filtering), or
+    # rewarded less over the last overlong_buffer tokens, down to −1 at the limit (penalty: DAPO overlong shaping).
+    overlong: Literal["off", "mask", "penalty"] = "off"
+    overlong_buffer: int = Field(64, ge=1)
     filter_groups: bool = True  # drop groups whose rewards are all equal (zero advantage), counted
 
 
@@ -191,6 +203,15 @@ class Config(_Strict):
             raise ValueError("rewards: at least one reward is needed")
         if self.rollout.n < 2:
             raise ValueError("rollout.n: GRPO needs at least 2 samples per prompt")
+        if self.rollout.top_p < 1:
+            raise ValueError("rollout.top_p < 1: vLLM's logprobs are then renormalised over the kept tokens, which "
+                             "the learner's are not, so the importance ratio is biased; sample with top_p: 1")
+        if self.grpo.importance != "off" and self.grpo.old_logprobs == "vllm":
+            raise ValueError("grpo.importance corrects the learner's old policy towards the engine's: it needs "
+                             "grpo.old_logprobs: learner (or set grpo.importance: off)")
+        if self.grpo.overlong == "penalty" and self.grpo.overlong_buffer >= self.rollout.max_tokens:
+            raise ValueError(f"grpo.overlong_buffer ({self.grpo.overlong_buffer}) must be below rollout.max_tokens "
+                             f"({self.rollout.max_tokens})")
         return self
 
     @property

@@ -116,7 +116,7 @@ class LocalHead:
         text = "".join(lines)
         # The job's own exit code is only in its log: the driver's line for a clean stop (after which the CLI exits 0:
         # "was stopped"), Ray's line for a failure; otherwise the CLI exits 0 only when the job succeeded.
-        code = re.search(r"stopped after step \d+.*\(exit code (\d+)\)", text) or \
+        code = re.search(r"stopped (?:after|before) step \d+.*\(exit code (\d+)\)", text) or \
             re.search(r"failed with exit code (\d+)", text)
         if code:
             return int(code.group(1)), text

@@ -23,7 +23,7 @@ from launch.config import Config, ConfigError, dump_config
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
 from launch.outputs import OutputLock, resolve_output_dir
-from learner.grpo import group_advantages
+from learner.grpo import group_advantages, overlong_penalty
 from learner.group import LearnerGroup
 from rewards import WeightedReward
 from rewards.gsm8k import accuracy_reward, format_reward
@@ -64,10 +64,15 @@ def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, PromptSet]:
     return PromptSet(train_ex, train_ids), PromptSet(test_ex, test_ids)
 
 
-def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward) -> tuple[torch.Tensor, dict]:
+def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward, grpo=None,
+          max_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """Rewards [prompts, n] and per-sample details (each reward, strict accuracy, format). Prompts the engine
-    dropped (past its window) get zero rewards here and are left out of the details and of the batch."""
+    dropped (past its window) get zero rewards here and are left out of the details and of the batch. With
+    grpo.overlong == "penalty", DAPO's soft overlong penalty is added to each reward."""
+    penalty = grpo is not None and grpo.overlong == "penalty"
     totals, details = [], {"accuracy": [], "format_rate": [], **{f"reward/{k}": [] for k in reward.weights}}
+    if penalty:
+        details["overlong_penalty"] = []
     for samples, gold in zip(groups, golds):
         row = []
         if samples[0].finish_reason == "dropped":
@@ -75,6 +80,10 @@ def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward) 
             continue
         for s in samples:
             total, parts = reward(s.text, gold)
+            if penalty:
+                details["overlong_penalty"].append(overlong_penalty(len(s.completion_ids), max_tokens,
+                                                                    grpo.overlong_buffer))
+                total += details["overlong_penalty"][-1]
             row.append(total)
             for k, v in parts.items():
                 details[f"reward/{k}"].append(v)
@@ -85,7 +94,9 @@ def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward) 
 
 
 def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tuple[list[TrainSample], int]:
-    """GRPO advantages per group; groups whose rewards are all equal carry no signal and are dropped if asked."""
+    """GRPO advantages per group; groups whose rewards are all equal carry no signal and are dropped if asked.
+    With grpo.overlong == "mask", samples cut at max_tokens count in their group's advantages but are left out of
+    the loss (DAPO overlong filtering)."""
     adv = group_advantages(rewards, scale=grpo.scale_rewards, eps=grpo.eps)
     batch, filtered = [], 0
     for samples, r, a in zip(groups, rewards, adv):
@@ -93,7 +104,8 @@ def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tupl
             filtered += 1
             continue
         batch += [TrainSample(s.prompt_ids, s.completion_ids, s.logprobs, float(x), s.weight_version)
-                  for s, x in zip(samples, a) if s.completion_ids]
+                  for s, x in zip(samples, a)
+                  if s.completion_ids and not (grpo.overlong == "mask" and s.finish_reason == "length")]
     return batch, filtered
 
 
@@ -236,26 +248,30 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class Actors:
-    learners: LearnerGroup
-    engines: EngineGroup
+    learners: LearnerGroup | None
+    engines: EngineGroup | None
     channel: WeightChannel | None
     placement_groups: tuple
 
+    def connect(self, cfg: Config, device: str, verify_prompt: list[int]) -> None:
+        """Wait until every actor has started, then open the weight channel."""
+        self.engines.ready(), self.learners.ready()
+        self.channel = WeightChannel(self.learners, self.engines, device, cfg.timeouts.broadcast_s,
+                                     verify_prompt if cfg.rollout.verify_restarts else None)
 
-def start_actors(cfg: Config, device: str, faults: Faults, verify_prompt: list[int] | None) -> Actors:
+
+def start_actors(cfg: Config, device: str, faults: Faults) -> Actors:
+    """Placement groups and actors; the actors start in the background (each resolves the model on its own node)."""
     learner_pg, rollout_pg = place(cfg, device)
-    # Actors start side by side (each resolves the model name on its own node).
-    engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len, dtype=cfg.model.dtype,
-                          seed=cfg.train.seed, placement_group=rollout_pg, timeouts=cfg.timeouts,
-                          max_restarts=cfg.rollout.max_restarts - faults.engine_restarts)
-    learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
-                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
-                            timeouts=cfg.timeouts)
-    actors = Actors(learners, engines, None, (learner_pg, rollout_pg))
+    actors = Actors(None, None, None, (learner_pg, rollout_pg))
     try:
-        engines.ready(), learners.ready()
-        actors.channel = WeightChannel(learners, engines, device, cfg.timeouts.broadcast_s,
-                                       verify_prompt if cfg.rollout.verify_restarts else None)
+        actors.engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len,
+                                     dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=rollout_pg,
+                                     timeouts=cfg.timeouts,
+                                     max_restarts=cfg.rollout.max_restarts - faults.engine_restarts)
+        actors.learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
+                                       dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
+                                       timeouts=cfg.timeouts)
     except BaseException:
         stop_actors(actors, faults)
         raise
@@ -264,8 +280,9 @@ def start_actors(cfg: Config, device: str, faults: Faults, verify_prompt: list[i
 
 def stop_actors(actors: Actors, faults: Faults) -> None:
     """Kill every actor and free the placement groups (also after a failure: never masks the error in flight)."""
-    faults.engine_restarts += len(actors.engines.restarts)
-    for stop in (actors.engines.shutdown, actors.learners.shutdown,
+    faults.engine_restarts += len(actors.engines.restarts) if actors.engines else 0
+    groups = [g for g in (actors.engines, actors.learners) if g is not None]
+    for stop in (*(g.shutdown for g in groups),
                  *(lambda pg=pg: ray.util.remove_placement_group(pg) for pg in actors.placement_groups)):
         try:
             stop()
@@ -276,16 +293,17 @@ def stop_actors(actors: Actors, faults: Faults) -> None:
 def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
     """One attempt: actors up, the checkpoint (if any) loaded, the loop; its actors are torn down however it ends."""
     resume_from = resume_point(cfg, out) if faults.job_restarts == 0 else checkpoint.latest_checkpoint(out)
-    model_path = resolve_model(cfg.model.path)
-    from transformers import AutoTokenizer
-
-    train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))
-    log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval prompts; "
-             f"{cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
-             f"{cfg.rollout.tensor_parallel_size}")
-    actors = start_actors(cfg, device, faults, train_set.ids[0])
+    actors = start_actors(cfg, device, faults)
     metrics = None
     try:
+        from transformers import AutoTokenizer
+
+        model_path = resolve_model(cfg.model.path)
+        train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))  # while actors start
+        log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval "
+                 f"prompts; {cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
+                 f"{cfg.rollout.tensor_parallel_size}")
+        actors.connect(cfg, device, train_set.ids[0])
         log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(actors.channel.plan)} bucket(s), "
                  f"{actors.channel.bytes / 2**20:.1f} MiB")
         start, order = 0, PromptOrder(len(train_set.ids), cfg.train.seed)
@@ -332,6 +350,9 @@ def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Acto
 
     progress = Progress(cfg.train.steps, start)
     step = start
+    if stop.requested:  # before the first step: nothing new to save
+        raise StopRequested(f"{stop.requested}: stopped before step {start + 1}; submit the same command again to "
+                            f"continue (exit code {EXIT_STOPPED})")
     for step in range(start + 1, cfg.train.steps + 1):
         timer, seen = StepTimer(), (len(engines.restarts), len(channel.checks))
         batch_ids = order.next(cfg.train.prompts_per_step)                                   # 1. prompts
@@ -339,12 +360,13 @@ def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Acto
             groups = engines.generate([train_set.ids[i] for i in batch_ids], cfg.rollout.n, **sampling)
         check_versions(groups, channel.version)
         with timer("reward"):                                                                # 3. rewards
-            rewards, details = score(groups, [train_set.examples[i].gold for i in batch_ids], reward)
+            rewards, details = score(groups, [train_set.examples[i].gold for i in batch_ids], reward, cfg.grpo,
+                                     cfg.rollout.max_tokens)
             batch, filtered = build_batch(groups, rewards, cfg.grpo)                        # 4. advantages
         learner_stats = {}
         if batch:
             with timer("train"):                                                             # 5. update
-                learner_stats = learners.train_step(batch, cfg.rollout.temperature)
+                learner_stats = learners.train_step(batch, cfg.rollout.temperature, cfg.rollout.max_tokens)
             with timer("broadcast"):                                                         # 6. weights out
                 learner_stats.update(channel.sync(step))
         row = step_row(groups, rewards, details, filtered, learner_stats, timer.parts, groups[0][0].weight_version)
@@ -418,7 +440,8 @@ def format_row(step: int, row: dict) -> str:
     if "loss" in t:
         parts += [f"loss {t['loss']:+.4f}", f"kl {t['kl']:.4f}", f"clip {t['clip_frac']:.3f}",
                   f"ent {t['entropy']:.2f}", f"gnorm {t['grad_norm']:.3f}", f"lr {t['lr']:.2e}",
-                  f"|Δlp| {t['logprob_mismatch']:.1e}"]
+                  f"|Δlp| {t['logprob_mismatch']:.1e}", f"mkl {t['mismatch_kl']:.1e}",
+                  f"capped {t['is_capped_frac']:.3f}"]
     else:
         parts.append("no update (every group filtered)")
     if "eval/accuracy" in t:

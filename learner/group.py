@@ -13,7 +13,7 @@ from learner.worker import LearnerWorker, worker_env
 
 
 def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: int, minibatches: int,
-                temperature: float) -> list[TrainShard]:
+                temperature: float, max_tokens: int = 0) -> list[TrainShard]:
     """Split a rollout batch into `minibatches` consecutive minibatches, each spread over the ranks by token count.
 
     Every rank makes the same number of micro-batch passes per minibatch (empty ones where it has fewer samples),
@@ -33,13 +33,14 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
         tokens.append(sum(len(s.completion_ids) for s in mb))
         seqs.append(len(mb))
         micro.append(max(1, max(math.ceil(len(p) / micro_batch_size) for p in parts)))
-    return [TrainShard(per_rank[r], tokens, seqs, micro, temperature) for r in range(world_size)]
+    return [TrainShard(per_rank[r], tokens, seqs, micro, temperature, max_tokens) for r in range(world_size)]
 
 
 def reduce_metrics(per_rank: list[dict]) -> dict:
     """Sums from every rank → batch metrics (means per token unless named otherwise)."""
     tot = {k: sum(m[k] for m in per_rank) for k in ("tokens", "seqs", "loss", "clipped_tokens", "ratio_sum",
-                                                    "kl_sum", "entropy_sum", "mismatch_sum", "mismatch_tokens")}
+                                                    "kl_sum", "entropy_sum", "mismatch_sum", "mismatch_tokens",
+                                                    "mismatch_kl_sum", "is_capped_tokens")}
     n = max(tot["tokens"], 1.0)
     first = per_rank[0]
     steps = max(first["steps"], 1)
@@ -52,6 +53,8 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
         "kl": tot["kl_sum"] / n,
         "entropy": tot["entropy_sum"] / n,
         "logprob_mismatch": tot["mismatch_sum"] / max(tot["mismatch_tokens"], 1.0),  # mean |learner − vLLM| logprob
+        "mismatch_kl": tot["mismatch_kl_sum"] / n,  # k3 KL(π_vLLM ‖ π_old) per token, over every minibatch
+        "is_capped_frac": tot["is_capped_tokens"] / n,  # tokens whose importance weight was truncated or masked
         "grad_norm": first["grad_norm"],
         "lr": first["lr"],
         "optimizer_steps": first["steps"],
@@ -100,9 +103,10 @@ class LearnerGroup:
             self._pending = []
         return self
 
-    def train_step(self, samples: list[TrainSample], temperature: float) -> dict:
+    def train_step(self, samples: list[TrainSample], temperature: float, max_tokens: int = 0) -> dict:
+        """One rollout batch; `max_tokens` (rollout.max_tokens) is the constant of grpo.loss_agg=token_sum_norm."""
         shards = make_shards(samples, len(self.workers), self.cfg.micro_batch_size, self.cfg.minibatches_per_step,
-                             temperature)
+                             temperature, max_tokens)
         refs = [w.train_step.remote(s) for w, s in zip(self.workers, shards)]
         return reduce_metrics(self._wait(refs, "train step", self.timeouts.train_s))
 

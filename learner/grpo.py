@@ -78,14 +78,47 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "token", cap: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance weights [B, T] for the gap between the engine that sampled and the learner's policy
+    (different kernels and dtypes, and a step of staleness when generation runs ahead), detached.
+
+    token:    w = min(π_old / π_engine, cap) per token (TIS, as verl, OpenRLHF, slime);
+    seq_mask: w = 1, or 0 for a whole sequence whose geometric-mean ratio exp(mean_t log(π_old / π_engine)) lies
+              outside [1/cap, cap] (sequence-level masking);
+    off:      w = 1.
+    Statistics, summed over masked tokens: `capped` (tokens truncated or masked out) and `mismatch_kl`, the k3
+    estimate of KL(π_engine ‖ π_old) from the engine's own samples: r − 1 − log r with r = π_old / π_engine (≥ 0).
+    """
+    mask = mask.to(old_logprobs.dtype)
+    log_r = (old_logprobs - engine_logprobs).detach()
+    stats = {"mismatch_kl": ((torch.exp(log_r) - 1 - log_r) * mask).sum()}
+    if mode == "off":
+        weights = torch.ones_like(log_r)
+        stats["capped"] = torch.zeros((), dtype=log_r.dtype)
+    elif mode == "token":
+        ratio = torch.exp(log_r)
+        weights = torch.clamp(ratio, max=cap)
+        stats["capped"] = ((ratio > cap).to(mask.dtype) * mask).sum()
+    elif mode == "seq_mask":
+        mean_log_r = (log_r * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        keep = (mean_log_r.abs() <= torch.log(torch.tensor(cap, dtype=log_r.dtype))).to(log_r.dtype)
+        weights = keep.unsqueeze(-1).expand_as(log_r)
+        stats["capped"] = ((1 - weights) * mask).sum()
+    else:
+        raise ValueError(f"importance correction must be token, seq_mask or off, got {mode!r}")
+    return weights, stats
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, ref_logprobs: torch.Tensor | None = None,
-                beta: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                beta: float = 0.0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token clipped-surrogate loss [batch, T] and summed statistics.
 
-    ratio = exp(lp − old); loss = −min(ratio·A, clip(ratio, 1−clip_low, 1+clip_high)·A) + beta·k3.
-    `advantages` is per sequence [batch] (or per token [batch, T]). Statistics are sums over masked tokens,
-    so they can be added across micro-batches and ranks before dividing by the token count.
+    ratio = exp(lp − old); loss = −w·min(ratio·A, clip(ratio, 1−clip_low, 1+clip_high)·A) + beta·k3, where w are the
+    detached importance weights (`importance_weights`; 1 when None). `advantages` is per sequence [batch] (or per
+    token [batch, T]). Statistics are sums over masked tokens, so they can be added across micro-batches and ranks
+    before dividing by the token count.
     """
     mask = mask.to(logprobs.dtype)
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
@@ -93,6 +126,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        loss = loss * weights.detach()
     stats = {
         "clipped_tokens": ((clipped < unclipped).to(mask.dtype) * mask).sum().detach(),
         "ratio_sum": (ratio * mask).sum().detach(),
@@ -109,15 +144,31 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float) -> torch.Tensor:
     """Sum a micro-batch's per-token loss into its share of the minibatch loss.
 
-    token_mean: Σ loss·mask / (completion tokens in the whole minibatch);
-    seq_mean:   Σ_seq (Σ_t loss·mask / seq length) / (sequences in the whole minibatch).
-    `denominator` is the whole minibatch's count (all micro-batches, all ranks), so the shares add up to the
-    minibatch mean however the batch is split.
+    token_mean:     Σ loss·mask / (completion tokens in the whole minibatch);
+    seq_mean:       Σ_seq (Σ_t loss·mask / seq length) / (sequences in the whole minibatch);
+    token_sum_norm: Σ loss·mask / (sequences in the whole minibatch × max_tokens), a constant per sequence
+                    (Dr.GRPO: no length normalisation that favours long wrong answers; with grpo.scale_rewards false).
+    `denominator` is that count for the whole minibatch (all micro-batches, all ranks; see `loss_denominator`), so the
+    shares add up to the minibatch mean however the batch is split.
     """
     mask = mask.to(loss.dtype)
-    if agg == "token_mean":
+    if agg in ("token_mean", "token_sum_norm"):
         return (loss * mask).sum() / denominator
     if agg == "seq_mean":
         per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.sum() / denominator
-    raise ValueError(f"loss aggregation must be token_mean or seq_mean, got {agg!r}")
+    raise ValueError(f"loss aggregation must be token_mean, seq_mean or token_sum_norm, got {agg!r}")
+
+
+def loss_denominator(agg: str, tokens: int, seqs: int, max_tokens: int) -> float:
+    """The minibatch-wide count that `aggregate` divides by."""
+    return {"token_mean": tokens, "seq_mean": seqs, "token_sum_norm": seqs * max_tokens}[agg]
+
+
+def overlong_penalty(length: int, max_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_tokens − buffer tokens, then falling linearly
+    to −1 at max_tokens (and −1 beyond)."""
+    start = max_tokens - buffer
+    if length <= start:
+        return 0.0
+    return max(-1.0, (start - length) / buffer)

@@ -228,8 +228,7 @@ class LearnerWorker:
         recompute = self.grpo["old_logprobs"] == "learner" and len(shard.minibatches) > 1
         m = dict(tokens=0.0, seqs=0.0, loss=0.0, clipped_tokens=0.0, ratio_sum=0.0, ratio_max=0.0,
                  ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, mismatch_tokens=0.0,
-                 nonfinite_microbatches=0,
-                 skipped_steps=0, steps=0)
+                 mismatch_kl_sum=0.0, is_capped_tokens=0.0, nonfinite_microbatches=0, skipped_steps=0, steps=0)
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the LR this batch's first step uses (step() advances the schedule)
         self.engine.train()
@@ -245,7 +244,7 @@ class LearnerWorker:
                         batch = self._collate(mb)
                         old_by_mb[-1][j] = self._completion_logprobs(self.engine, batch, temperature)[0]
         for k, micro in enumerate(micro_by_mb):
-            tokens_total = shard.global_tokens[k] if agg == "token_mean" else shard.global_seqs[k]
+            denominator = grpo.loss_denominator(agg, shard.global_tokens[k], shard.global_seqs[k], shard.max_tokens)
             backward_done = False
             for j, mb in enumerate(micro):
                 batch = self._collate(mb)
@@ -259,9 +258,13 @@ class LearnerWorker:
                 if self.ref_model is not None:
                     with torch.no_grad():
                         ref = self._completion_logprobs(self.ref_model, batch, temperature)[0]
+                # Importance correction: the engine sampled from π_vLLM (its kernels, a step behind when generation
+                # runs ahead), the update's old policy is the learner's π_old.
+                weights, tis = grpo.importance_weights(old, batch["vllm_lp"], mask, self.grpo["importance"],
+                                                       self.grpo["importance_cap"])
                 tok_loss, stats = grpo.policy_loss(lp, old, batch["adv"], mask, self.grpo["clip_low"],
-                                                   self.grpo["clip_high"], ref, self.grpo["beta"])
-                share = grpo.aggregate(tok_loss, mask, agg, max(1, tokens_total))
+                                                   self.grpo["clip_high"], ref, self.grpo["beta"], weights)
+                share = grpo.aggregate(tok_loss, mask, agg, max(1, denominator))
                 if not self._all_ranks_finite(share.detach()):
                     m["nonfinite_microbatches"] += 1
                     continue
@@ -279,6 +282,8 @@ class LearnerWorker:
                     m["ratio_min"] = min(m["ratio_min"], float(stats["ratio_min"]))
                 m["kl_sum"] += float(stats.get("kl_sum", 0.0))
                 m["entropy_sum"] += float((ent * mask).sum())
+                m["mismatch_kl_sum"] += float(tis["mismatch_kl"])
+                m["is_capped_tokens"] += float(tis["capped"])
                 # Learner vs vLLM logprobs of the same tokens, under the weights that sampled them (pre-update).
                 pre = old_by_mb[k][j] if recompute else (lp.detach() if k == 0 else None)
                 if pre is not None:

@@ -61,6 +61,11 @@ def test_overrides_are_typed_and_nested():
     ("data.prompt_template=no placeholder", "must contain {prompt}"),
     ("train=5", "train:"),
     ("nokey", "expected key.sub=value"),
+    ("rollout.top_p=0.9", "rollout.top_p < 1: vLLM's logprobs are then renormalised"),
+    ("grpo.old_logprobs=vllm", "grpo.importance corrects the learner's old policy"),
+    ("grpo.importance=tis", "grpo.importance:"),
+    ("grpo.importance_cap=1", "grpo.importance_cap:"),
+    ("timeouts.generate_s=0", "timeouts.generate_s:"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError) as err:

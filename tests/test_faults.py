@@ -20,7 +20,8 @@ from tests import procs
 pytestmark = pytest.mark.integration
 
 STEPS, PROMPTS, N = 6, 4, 8
-ARGS = ["train.device=cpu", f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}", "rollout.num_engines=2",
+ARGS = ["train.device=cpu", f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}",
+        "rollout.num_engines=2",
         "eval.every=0", "log.sample_every=0", "log.tensorboard=false", "ckpt.every=2", "ckpt.export_hf=false",
         "timeouts.generate_s=20", "timeouts.broadcast_s=15"]
 
@@ -99,21 +100,30 @@ def assert_replacement_follows_the_learner(rows):
         assert c["greedy_match"] and c["max_abs_logprob_diff"] < 1e-4, c
 
 
-def test_engine_killed_mid_generate(undisturbed, tmp_path):
+def hit_an_engine_generating(out, sig):
+    """A fault: once step 2 is done, `sig` to an engine process while it generates; returns its pid."""
     def act():
-        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        procs.wait_for(lambda: steps_done(out) >= 2, 300, 0.05, "step 2 done")
         pid = procs.wait_for(engine_generating, 120, what="an engine generating")
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         return pid
+    return act
 
-    rows, killed = run_job(tmp_path, act)
-    assert_complete(rows, undisturbed)
+
+def the_restart(rows, phase: str, pid: int) -> dict:
+    """The one engine restart of the run: in `phase`, of the process `pid`; counted once."""
     restarts = restarts_of(rows)
     assert len(restarts) == 1 and rows[-1]["engine_restarts"] == 1, restarts
-    assert restarts[0]["phase"] == "generate" and f"pid {killed}" in restarts[0]["cause"]
-    assert "died" in restarts[0]["cause"] and restarts[0]["seconds"] > 0
+    assert restarts[0]["phase"] == phase and f"pid {pid}" in restarts[0]["cause"], restarts
+    assert restarts[0]["seconds"] > 0 and rows[-1]["job_restarts"] == 0
+    return restarts[0]
+
+
+def test_engine_killed_mid_generate(undisturbed, tmp_path):
+    rows, killed = run_job(tmp_path, hit_an_engine_generating(tmp_path, signal.SIGKILL))
+    assert_complete(rows, undisturbed)
+    assert "died" in the_restart(rows, "generate", killed)["cause"]
     assert_replacement_follows_the_learner(rows)
-    assert rows[-1]["job_restarts"] == 0
 
 
 def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
@@ -133,23 +143,14 @@ def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
     rows, (killed, in_sync) = run_job(tmp_path, act)
     assert in_sync  # the driver was still waiting on the sync when the engine died
     assert_complete(rows, undisturbed)
-    restarts = restarts_of(rows)
-    assert len(restarts) == 1 and restarts[0]["phase"] == "weight sync" and f"pid {killed}" in restarts[0]["cause"]
+    assert "died" in the_restart(rows, "weight sync", killed)["cause"]
     assert_replacement_follows_the_learner(rows)
 
 
 def test_engine_stopped_is_detected_and_replaced(undisturbed, tmp_path):
-    def act():
-        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
-        pid = procs.wait_for(engine_generating, 120, what="an engine generating")
-        os.kill(pid, signal.SIGSTOP)
-        return pid
-
-    rows, stopped = run_job(tmp_path, act)
+    rows, stopped = run_job(tmp_path, hit_an_engine_generating(tmp_path, signal.SIGSTOP))
     assert_complete(rows, undisturbed)
-    restarts = restarts_of(rows)
-    assert len(restarts) == 1 and restarts[0]["phase"] == "generate", restarts
-    assert "did not answer within 20s" in restarts[0]["cause"] and f"pid {stopped}" in restarts[0]["cause"]
+    assert "did not answer within 20s" in the_restart(rows, "generate", stopped)["cause"]
     step = next(r for r in rows if r.get("restarts"))
     assert 20 <= step["time/generate"] < 20 + step["recover_seconds"] + 30  # found at its timeout, not later
     assert not procs.alive(stopped)  # the stopped process was killed, not left behind

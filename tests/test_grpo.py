@@ -174,6 +174,58 @@ def test_aggregate_shares_add_up_across_micro_batches():
         assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
 
 
+def test_importance_weights_token_truncation_by_hand():
+    # old − engine log-ratios: ln 0.5, 0, ln 3 (capped at 2), and a masked token with ln 10
+    old = torch.tensor([[math.log(0.5), 0.0, math.log(3.0), math.log(10.0)]])
+    engine = torch.zeros(1, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w, stats = grpo.importance_weights(old, engine, mask, "token", cap=2.0)
+    assert w[0].tolist() == pytest.approx([0.5, 1.0, 2.0, 2.0])
+    assert stats["capped"].item() == 1  # only the unmasked ln 3 token
+    # k3 = r − 1 − ln r: 0.5 − 1 + ln 2 = 0.193147; 0; 3 − 1 − ln 3 = 0.901388; the masked token does not count
+    assert stats["mismatch_kl"].item() == pytest.approx(0.193147 + 0.901388, abs=1e-5)
+
+
+def test_importance_weights_sequence_mask_by_hand():
+    # sequence 0: mean log-ratio (ln 3 + 0) / 2 = 0.549 < ln 2 = 0.693: kept; sequence 1: (ln 3 + ln 3) / 2 > ln 2:
+    # masked, both tokens; sequence 2: mean −ln 3 over its one unmasked token: below −ln 2, masked
+    old = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), math.log(3.0)], [-math.log(3.0), 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    w, stats = grpo.importance_weights(old, torch.zeros(3, 2), mask, "seq_mask", cap=2.0)
+    assert w.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert stats["capped"].item() == 3  # 2 tokens of sequence 1 and the 1 unmasked token of sequence 2
+    off, off_stats = grpo.importance_weights(old, torch.zeros(3, 2), mask, "off")
+    assert off.tolist() == [[1.0, 1.0]] * 3 and off_stats["capped"].item() == 0
+    with pytest.raises(ValueError, match="token, seq_mask or off"):
+        grpo.importance_weights(old, old, mask, "tis")
+
+
+def test_policy_loss_scales_each_token_by_its_detached_weight():
+    lp = torch.zeros(1, 2, requires_grad=True)
+    weights = torch.tensor([[0.5, 2.0]], requires_grad=True)
+    loss, _ = grpo.policy_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2), weights=weights)
+    assert loss.tolist() == [[-0.5, -2.0]]  # −w·ratio·A at ratio 1
+    loss.sum().backward()
+    assert lp.grad.tolist() == [[-0.5, -2.0]] and weights.grad is None  # the weights carry no gradient
+
+
+def test_dr_grpo_aggregation_divides_by_a_constant():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # (1 + 2 + 4) / (2 sequences × max_tokens 8), whatever the lengths
+    denominator = grpo.loss_denominator("token_sum_norm", tokens=3, seqs=2, max_tokens=8)
+    assert denominator == 16
+    assert grpo.aggregate(loss, mask, "token_sum_norm", denominator).item() == pytest.approx(7 / 16)
+    assert grpo.loss_denominator("token_mean", 3, 2, 8) == 3 and grpo.loss_denominator("seq_mean", 3, 2, 8) == 2
+
+
+@pytest.mark.parametrize("length,expected", [(0, 0.0), (96, 0.0), (97, -1 / 32), (112, -0.5), (128, -1.0),
+                                             (140, -1.0)])
+def test_overlong_penalty_by_hand(length, expected):
+    # max_tokens 128, buffer 32: free up to 96 tokens, then −1/32 per token
+    assert grpo.overlong_penalty(length, 128, 32) == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("step,schedule,expected", [
     (0, "cosine", 0.5), (1, "cosine", 1.0), (2, "cosine", 1.0), (6, "cosine", 0.5), (10, "cosine", 0.0),
     (6, "linear", 0.5), (10, "linear", 0.0), (6, "constant", 1.0),
@@ -223,9 +275,10 @@ def test_reduce_metrics_weights_by_tokens():
     base = dict(seqs=1, loss=0.0, kl_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
                 lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0)
     a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25, mismatch_sum=0.5,
-             mismatch_tokens=10)
+             mismatch_tokens=10, mismatch_kl_sum=0.002, is_capped_tokens=1)
     b = dict(base, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0, loss=0.5, ratio_max=1.3,
-             mismatch_sum=0.7, mismatch_tokens=20)  # 10 of its tokens had no pre-update logprob
+             mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006, is_capped_tokens=0)  # 10 of its tokens
+    # had no pre-update logprob
     m = reduce_metrics([a, b])
     assert m["clip_frac"] == pytest.approx(0.1)
     assert m["ratio_mean"] == pytest.approx(43 / 40)
@@ -233,3 +286,4 @@ def test_reduce_metrics_weights_by_tokens():
     assert m["loss"] == pytest.approx(0.75)
     assert m["ratio_max"] == 1.3
     assert m["logprob_mismatch"] == pytest.approx(1.2 / 30)
+    assert m["mismatch_kl"] == pytest.approx(0.008 / 40) and m["is_capped_frac"] == pytest.approx(1 / 40)

@@ -36,3 +36,18 @@ def test_score_build_batch_and_row():
     assert row["accuracy"] == pytest.approx(2 / 8) and row["dropped_prompts"] == 1
     assert row["completion_len"] == pytest.approx((1 + 2 + 3 + 4) * 2 / 8)
     assert row["gen_tokens_per_s"] == pytest.approx(20 / 2.0)
+
+
+def test_overlong_mask_and_penalty():
+    long_group = [Sample([1], [5] * n, [-0.5] * n, finish, 2, text) for n, finish, text in
+                  ((8, "length", GOOD), (3, "stop", GOOD), (5, "stop", WRONG), (7, "length", BARE))]
+    reward = WeightedReward({"accuracy": 1.0})
+    plain, _ = score([long_group], ["7"], reward)
+    assert plain.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # max_tokens 8, buffer 4: lengths 8, 3, 5, 7 → penalties −1, 0, −0.25, −0.75
+    shaped, details = score([long_group], ["7"], reward, GRPOConfig(overlong="penalty", overlong_buffer=4), 8)
+    assert shaped.tolist() == [[0.0, 1.0, -0.25, -0.75]] and details["overlong_penalty"] == [-1.0, 0.0, -0.25, -0.75]
+    kept, _ = build_batch([long_group], plain, GRPOConfig(overlong="off"))
+    masked, _ = build_batch([long_group], plain, GRPOConfig(overlong="mask"))
+    assert len(kept) == 4 and [len(s.completion_ids) for s in masked] == [3, 5]  # the cut ones leave the loss...
+    assert [s.advantage for s in masked] == [kept[1].advantage, kept[2].advantage]  # ...but count in the group
