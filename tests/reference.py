@@ -14,9 +14,10 @@ def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
     out = []
     for i in range(n):
         p, c = 3 + i % 4, 2 + (i * 3) % 7  # uneven prompt and completion lengths: padding on both sides
+        # engine logprobs near the random model's (≈ −ln 512), ±1: importance weights from 0.37 to 2.7, some capped
         out.append(TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
                                torch.randint(3, 500, (c,), generator=g).tolist(),
-                               (-torch.rand(c, generator=g) * 5).tolist(), float(torch.randn(1, generator=g))))
+                               (-6.24 + 2 * torch.rand(c, generator=g) - 1).tolist(), float(torch.randn(1, generator=g))))
     return out
 
 
@@ -29,6 +30,11 @@ def plain_logprobs(model, s: TrainSample) -> torch.Tensor:
     ids = torch.tensor([s.prompt_ids + s.completion_ids], device=model.device)
     logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] / T
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.completion_ids, device=model.device)[:, None])[:, 0]
+
+
+def tis(old: torch.Tensor, s: TrainSample, cap: float = 2.0) -> torch.Tensor:
+    """The truncated importance weight of each token (grpo.importance: token): min(π_old / π_engine, cap)."""
+    return torch.clamp(torch.exp(old.detach() - torch.tensor(s.logprobs, device=old.device)), max=cap)
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -44,7 +50,7 @@ def reference_step(model_path: str, samples: list[TrainSample], device: str = "c
     for s in samples:
         lp = plain_logprobs(model, s)
         ratio = torch.exp(lp - lp.detach())  # on-policy: old logprobs are the current ones
-        loss = loss - (ratio * s.advantage).sum() / total_tokens
+        loss = loss - (tis(lp, s) * ratio * s.advantage).sum() / total_tokens
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()

@@ -10,7 +10,7 @@ from launch.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
-from reference import CLIP, LR, T, load, make_batch, max_diff, plain_logprobs, reference_step, state
+from reference import CLIP, LR, T, load, make_batch, max_diff, plain_logprobs, reference_step, state, tis
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,8 @@ def reference_two_minibatches(model_path: str, samples: list[TrainSample], clip_
         for i in part:
             ratio = torch.exp(plain_logprobs(model, samples[i]) - old[i])
             a = samples[i].advantage
-            loss = loss - torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a).sum() / total
+            surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a)
+            loss = loss - (tis(old[i], samples[i]) * surrogate).sum() / total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -51,7 +52,7 @@ def reference_kl_steps(model_path: str, batches: list[list[TrainSample]], beta: 
                 ref_lp = plain_logprobs(ref, s)
             d = ref_lp - lp
             kl = torch.exp(d) - d - 1
-            loss = loss + (-torch.exp(lp - lp.detach()) * s.advantage + beta * kl).sum() / total
+            loss = loss + (-tis(lp, s) * torch.exp(lp - lp.detach()) * s.advantage + beta * kl).sum() / total
             kl_sum += kl.sum().item()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -92,7 +93,9 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     weights = group.full_state_dict()
     start = load(tiny_model).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
-    assert max_diff(weights, ref_weights) < 1e-5  # ...exactly as plain torch does
+    # ...as plain torch does. Adam's first step is lr·g/|g|, so a gradient element near 0 turns the padded vs unpadded
+    # forwards' float differences into up to ~1e-5 (measured: 1 element in 32768); the step itself is 1e-3.
+    assert max_diff(weights, ref_weights) < 2e-5
 
 
 def test_zero3_builds_each_model_partitioned(zero2, zero3):
