@@ -418,6 +418,11 @@ class LearnerWorker:
         if self.rank != 0:
             return None
         module = self.engine.module
-        module.save_pretrained(path, state_dict={k: v.to(self.dtype) for k, v in sd.items()}, safe_serialization=True)
+        module.config.use_cache = True  # a training setting off; users' generate() needs the KV cache
+        try:
+            module.save_pretrained(path, state_dict={k: v.to(self.dtype) for k, v in sd.items()},
+                                   safe_serialization=True)
+        finally:
+            module.config.use_cache = False
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return path

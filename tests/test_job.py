@@ -175,7 +175,8 @@ def test_make_run_stopped_by_a_signal_leaves_nothing_behind(sig, cpu_vllm, tmp_p
             break
     assert head, "".join(lines)[-3000:]
     temp_dir, head_pid = head.group(1), int(head.group(2))
-    runner = [p for p in procs.descendants(make.pid) if "launch.local_job" in procs.title(p)]
+    # make's own child (the runner's children may briefly carry its title between fork and exec)
+    runner = [p for p in procs.children_map().get(make.pid, []) if "launch.local_job" in procs.title(p)]
     assert len(runner) == 1
     if sig == "SIGTERM":
         os.kill(make.pid, signal.SIGTERM)  # `kill <make>`: make passes it on (and the child has PDEATHSIG)

@@ -223,3 +223,4 @@ def test_export_hf_loads_in_transformers(zero3, tmp_path, tiny_model):
     path = zero3.export_hf(str(tmp_path / "hf"))
     model = load(path)
     assert max_diff(model.state_dict(), zero3.full_state_dict()) == 0.0
+    assert model.config.use_cache  # ready for generate(), not left in its training setting
