@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import ray
@@ -131,7 +132,10 @@ class WeightChannel:
     """Learner rank 0 → every engine worker, surviving its engines. Both sides of each collective are entered from
     one driver call, and every wait is bounded by `timeouts.broadcast_s`.
 
-    `version` is the version of the weights the learner holds, which every engine must have before it generates.
+    `version` is the version of the weights the engines hold; `learner_version` the one the learner holds (ahead by
+    one while the learner trains, and in the one-step-off pipeline until the engines end their batch). `lock` is
+    held by whoever drives the learner, so that a replacement made while generating in another thread is sent the
+    learner's weights between its calls, labelled with their true version.
     When an engine dies or hangs in a sync (or in opening the group), it is replaced in its bundle
     (`EngineGroup.restart`); the group is then closed on every member and a new one opened over the new membership
     on a fresh port, and the weights are sent again. A replacement made while generating comes here too
@@ -146,7 +150,8 @@ class WeightChannel:
         self.backend, self.timeout_s = BACKEND_FOR_DEVICE[device], timeout_s
         self.plan = learners.weight_plan()
         self.bytes = sum(b.nbytes for b in self.plan)
-        self.version = 0
+        self.version = self.learner_version = 0
+        self.lock = threading.RLock()
         self.verify_prompt = verify_prompt
         self.checks: list[dict] = []  # one per check of a replacement
         self._recheck: set[int] = set()  # replacements to check again after the next regular sync
@@ -156,16 +161,20 @@ class WeightChannel:
     def sync(self, version: int) -> dict:
         """Send the learner's weights, as `version`, to every engine."""
         start = time.perf_counter()
-        self.version = version
-        recheck, self._recheck = sorted(self._recheck), set()
-        results = self._send()
-        self.verify(recheck)  # replacements follow the learner through ordinary syncs too
+        with self.lock:
+            self.version = self.learner_version = version
+            recheck, self._recheck = sorted(self._recheck), set()
+            results = self._send()
+            self.verify(recheck)  # replacements follow the learner through ordinary syncs too
         return {"broadcast_seconds": time.perf_counter() - start, "broadcast_bytes": results[0]["bytes"]}
 
     def rejoin(self, replaced: list[int]) -> None:
-        """Engines were replaced (while generating): a new group over the new membership, the current weights."""
-        self._reopen()
-        self._send(replaced)
+        """Engines were replaced (while generating): a new group over the new membership, and the learner's current
+        weights to every engine (they are all idle between generate rounds)."""
+        with self.lock:
+            self.version = self.learner_version
+            self._reopen()
+            self._send(replaced)
 
     def _send(self, replaced: list[int] | None = None) -> list:
         replaced = list(replaced or [])

@@ -129,6 +129,11 @@ class GRPOConfig(_Strict):
     overlong: Literal["off", "mask", "penalty"] = "off"
     overlong_buffer: int = Field(64, ge=1)
     filter_groups: bool = True  # drop groups whose rewards are all equal (zero advantage), counted
+    # DAPO dynamic sampling: after filtering, draw further prompts in data order (as many as groups are missing)
+    # until the step has train.prompts_per_step groups, or refill_max_prompts extra prompts were drawn (default
+    # 4 × prompts_per_step; then the step trains on what it has, counted as `refill_capped`).
+    refill: bool = False
+    refill_max_prompts: int | None = Field(None, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -143,6 +148,10 @@ class TrainConfig(_Strict):
     # A learner actor that dies or hangs, or any failure of the machinery (not of the config or the math), tears
     # every actor down and resumes from the latest complete checkpoint inside the same job, this many times.
     max_restarts: int = Field(3, ge=0)
+    # sync: generate, then train, then send the weights. one_step_off: the engines generate step k+1's batch while
+    # the learner trains step k (weights of step k reach them between batches), so every sample is at most one
+    # update behind the learner; the importance correction (grpo.importance) covers that gap.
+    pipeline: Literal["sync", "one_step_off"] = "sync"
 
 
 class TimeoutsConfig(_Strict):
@@ -209,6 +218,9 @@ class Config(_Strict):
         if self.grpo.importance != "off" and self.grpo.old_logprobs == "vllm":
             raise ValueError("grpo.importance corrects the learner's old policy towards the engine's: it needs "
                              "grpo.old_logprobs: learner (or set grpo.importance: off)")
+        if self.grpo.refill and not self.grpo.filter_groups:
+            raise ValueError("grpo.refill replaces the groups that grpo.filter_groups drops: it needs "
+                             "grpo.filter_groups: true")
         if self.grpo.overlong == "penalty" and self.grpo.overlong_buffer >= self.rollout.max_tokens:
             raise ValueError(f"grpo.overlong_buffer ({self.grpo.overlong_buffer}) must be below rollout.max_tokens "
                              f"({self.rollout.max_tokens})")

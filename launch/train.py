@@ -3,10 +3,12 @@ it from its checkpoint inside the same job when the machinery fails."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,10 @@ class StepTimer:
     def __call__(self, name: str):
         t = time.perf_counter()
         yield
-        self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t
+        self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
 
     def report(self) -> dict:
         total = time.perf_counter() - self.start
@@ -109,6 +114,50 @@ def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tupl
     return batch, filtered
 
 
+@dataclass
+class Rollout:
+    """One step's data: every prompt drawn for it (in data order), its groups and rewards, the training batch, and
+    the data order's state right after the draw (what a checkpoint of this step saves)."""
+
+    batch_ids: list[int]
+    groups: list[list[Sample]]
+    rewards: torch.Tensor
+    details: dict
+    batch: list[TrainSample]
+    filtered: int
+    order_state: dict
+    parts: dict  # seconds: generate, reward
+    refill_prompts: int = 0  # prompts drawn beyond prompts_per_step
+    refill_capped: bool = False  # grpo.refill_max_prompts reached before prompts_per_step groups were kept
+    version: int = 0  # the weight version the engines held as the rollout began
+
+
+def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: PromptOrder, reward: WeightedReward,
+            sampling: dict) -> Rollout:
+    """Draw prompts_per_step prompts, generate n samples each, score them, build the batch. With grpo.refill,
+    draw as many further prompts as groups were filtered out, round after round, until the step keeps
+    prompts_per_step groups or grpo.refill_max_prompts extra prompts were drawn (DAPO dynamic sampling)."""
+    want, timer = cfg.train.prompts_per_step, StepTimer()
+    cap = cfg.grpo.refill_max_prompts or 4 * want
+    ids, groups, rewards, details, batch, filtered, draw = [], [], [], {}, [], 0, want
+    while draw > 0:
+        new = order.next(draw)
+        with timer("generate"):
+            got = engines.generate([prompts.ids[i] for i in new], cfg.rollout.n, **sampling)
+        with timer("reward"):
+            r, d = score(got, [prompts.examples[i].gold for i in new], reward, cfg.grpo, cfg.rollout.max_tokens)
+            b, f = build_batch(got, r, cfg.grpo)
+        ids, groups, batch, filtered = ids + new, groups + got, batch + b, filtered + f
+        rewards.append(r)
+        for k, v in d.items():
+            details.setdefault(k, []).extend(v)
+        kept = len(ids) - filtered
+        draw = min(want - kept, cap - (len(ids) - want)) if cfg.grpo.refill else 0
+    extra = len(ids) - want
+    return Rollout(ids, groups, torch.cat(rewards), details, batch, filtered, order.state_dict(), timer.parts, extra,
+                   cfg.grpo.refill and len(ids) - filtered < want)
+
+
 def evaluate(engines: EngineGroup, test: PromptSet, cfg: Config) -> dict:
     """Greedy, one sample per question, strict tag rules (the same functions as the rewards)."""
     outs = engines.generate(test.ids, 1, temperature=0.0, max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens,
@@ -120,7 +169,7 @@ def evaluate(engines: EngineGroup, test: PromptSet, cfg: Config) -> dict:
             "eval/completion_len": sum(len(o[0].completion_ids) for o in outs) / len(outs), "eval/n": len(acc)}
 
 
-def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, version) -> dict:
+def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, version, learner_version=None) -> dict:
     live = torch.tensor([g[0].finish_reason != "dropped" for g in groups])
     flat = [s for g in groups for s in g if s.finish_reason != "dropped"]
     lengths = [len(s.completion_ids) for s in flat] or [0]
@@ -129,9 +178,12 @@ def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, ver
            **{k: sum(v) / max(len(v), 1) for k, v in details.items()},
            "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
            "truncated_frac": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
-           "groups": len(groups), "groups_filtered": filtered, "samples": len(flat),
+           "groups": len(groups), "groups_filtered": filtered, "groups_kept": len(groups) - filtered,
+           "samples": len(flat),
            "dropped_prompts": sum(g[0].finish_reason == "dropped" for g in groups),
            "weight_version": version, **learner_stats}
+    if learner_version is not None:  # updates the oldest sample is behind the learner it trains (at most 1)
+        row["staleness"] = int(version != learner_version)
     gen_s = timer_parts.get("generate", 0.0)
     row["gen_tokens_per_s"] = sum(lengths) / gen_s if gen_s else 0.0
     if learner_stats.get("train_seconds"):
@@ -149,7 +201,7 @@ def resume_point(cfg: Config, out: Path) -> Path | None:
     return latest if cfg.train.resume != "never" else None
 
 
-def save(learners: LearnerGroup, cfg: Config, out: Path, step: int, order: PromptOrder) -> Path:
+def save(learners: LearnerGroup, cfg: Config, out: Path, step: int, order_state: dict) -> Path:
     """A complete checkpoint of `step` (kept as it is if one exists): every rank's shards, checked visible to every
     rank and to the driver, then the trainer state, committed atomically (see `launch.checkpoint`)."""
     if checkpoint.exists(out, step):
@@ -160,7 +212,7 @@ def save(learners: LearnerGroup, cfg: Config, out: Path, step: int, order: Promp
     for r, view in enumerate(views):
         checkpoint.check_visible(view, written, learners.name(r), tmp)
     checkpoint.check_visible(checkpoint.manifest(tmp), written, "the driver", tmp)
-    state = {"step": step, "order": order.state_dict(), "config": cfg.model_dump(mode="json")}
+    state = {"step": step, "order": order_state, "config": cfg.model_dump(mode="json")}
     return checkpoint.commit(tmp, step, state, cfg.ckpt.keep)
 
 
@@ -252,6 +304,7 @@ class Actors:
     engines: EngineGroup | None
     channel: WeightChannel | None
     placement_groups: tuple
+    rollouts: ThreadPoolExecutor | None = None  # train.pipeline: one_step_off generates here while the learner trains
 
     def connect(self, cfg: Config, device: str, verify_prompt: list[int]) -> None:
         """Wait until every actor has started, then open the weight channel."""
@@ -264,6 +317,8 @@ def start_actors(cfg: Config, device: str, faults: Faults) -> Actors:
     """Placement groups and actors; the actors start in the background (each resolves the model on its own node)."""
     learner_pg, rollout_pg = place(cfg, device)
     actors = Actors(None, None, None, (learner_pg, rollout_pg))
+    if cfg.train.pipeline == "one_step_off":
+        actors.rollouts = ThreadPoolExecutor(1, thread_name_prefix="rollout")
     try:
         actors.engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len,
                                      dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=rollout_pg,
@@ -288,6 +343,8 @@ def stop_actors(actors: Actors, faults: Faults) -> None:
             stop()
         except Exception as err:  # noqa: BLE001 - best effort: the cluster may be half gone
             log.warning(f"teardown: {type(err).__name__}: {err}")
+    if actors.rollouts is not None:  # a rollout still running ends on its killed engines (no restart after shutdown)
+        actors.rollouts.shutdown(wait=True, cancel_futures=True)
 
 
 def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
@@ -302,7 +359,10 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
         train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))  # while actors start
         log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval "
                  f"prompts; {cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
-                 f"{cfg.rollout.tensor_parallel_size}")
+                 f"{cfg.rollout.tensor_parallel_size}; pipeline {cfg.train.pipeline}")
+        if cfg.train.pipeline == "one_step_off" and cfg.grpo.importance == "off":
+            log.warning("train.pipeline: one_step_off samples from weights one update behind the learner, and "
+                        "grpo.importance: off leaves that gap uncorrected")
         actors.connect(cfg, device, train_set.ids[0])
         log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(actors.channel.plan)} bucket(s), "
                  f"{actors.channel.bytes / 2**20:.1f} MiB")
@@ -339,51 +399,85 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
 
 def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Actors, metrics: MetricsLog,
          train_set: PromptSet, test_set: PromptSet, start: int, order: PromptOrder) -> int:
-    """The training loop, from step `start` + 1; returns the last step done."""
+    """The training loop, from step `start` + 1; returns the last step done. With train.pipeline: one_step_off the
+    rollout of step k + 1 runs in a thread while the learner trains step k (`channel.lock` keeps a replacement
+    engine's resync from landing inside a learner call)."""
     learners, engines, channel = actors.learners, actors.engines, actors.channel
     reward = WeightedReward(cfg.rewards)
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens,
                     stop=cfg.rollout.stop)
+    ahead, last = cfg.train.pipeline == "one_step_off", min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+
+    def rollout() -> Rollout:
+        version = channel.version  # what the engines hold as the rollout starts
+        ro = collect(cfg, engines, train_set, order, reward, sampling)
+        ro.version = version
+        return ro
+
+    def engines_catch_up(timer: StepTimer) -> None:  # between batches: the learner's latest weights out
+        if channel.version != channel.learner_version:
+            with timer("broadcast"):
+                channel.sync(channel.learner_version)
+
     if cfg.eval.every and cfg.eval.at_start and start == 0:
         metrics.log(0, evaluate(engines, test_set, cfg))
         log.info(f"eval at step 0: {read_jsonl(metrics.path)[-1]}")
 
     progress = Progress(cfg.train.steps, start)
-    step = start
+    step, pending = start, None  # pending: the next step's rollout, generating while this step trains
+    seen = [0, 0]  # engine restarts and replacement checks already logged
     if stop.requested:  # before the first step: nothing new to save
         raise StopRequested(f"{stop.requested}: stopped before step {start + 1}; submit the same command again to "
                             f"continue (exit code {EXIT_STOPPED})")
     for step in range(start + 1, cfg.train.steps + 1):
-        timer, seen = StepTimer(), (len(engines.restarts), len(channel.checks))
-        batch_ids = order.next(cfg.train.prompts_per_step)                                   # 1. prompts
-        with timer("generate"):                                                              # 2. n samples each
-            groups = engines.generate([train_set.ids[i] for i in batch_ids], cfg.rollout.n, **sampling)
-        check_versions(groups, channel.version)
-        with timer("reward"):                                                                # 3. rewards
-            rewards, details = score(groups, [train_set.examples[i].gold for i in batch_ids], reward, cfg.grpo,
-                                     cfg.rollout.max_tokens)
-            batch, filtered = build_batch(groups, rewards, cfg.grpo)                        # 4. advantages
+        timer = StepTimer()
+        background = pending is not None
+        if not background:                                                       # 1-4. prompts, samples, rewards,
+            ro = rollout()                                                       #      advantages
+            for k in ("generate", "reward"):
+                timer.add(k, ro.parts.get(k, 0.0))
+        else:
+            with timer("generate"):  # the part of the rollout the learner waited for
+                ro, pending = pending.result(), None
+        check_versions(ro.groups, {ro.version, channel.learner_version})
+        learner_version = channel.learner_version  # before this step's update
+        if ahead and step < last and not stop.requested:
+            engines_catch_up(timer)
+            pending = actors.rollouts.submit(rollout)
         learner_stats = {}
-        if batch:
-            with timer("train"):                                                             # 5. update
-                learner_stats = learners.train_step(batch, cfg.rollout.temperature, cfg.rollout.max_tokens)
-            with timer("broadcast"):                                                         # 6. weights out
-                learner_stats.update(channel.sync(step))
-        row = step_row(groups, rewards, details, filtered, learner_stats, timer.parts, groups[0][0].weight_version)
+        with channel.lock:
+            if ro.batch:
+                with timer("train"):                                                     # 5. update
+                    learner_stats = learners.train_step(ro.batch, cfg.rollout.temperature, cfg.rollout.max_tokens)
+                channel.learner_version = step
+                if not ahead:
+                    with timer("broadcast"):                                             # 6. weights out
+                        learner_stats.update(channel.sync(step))
+        row = step_row(ro.groups, ro.rewards, ro.details, ro.filtered, learner_stats, ro.parts,
+                       min(s.weight_version for g in ro.groups for s in g), learner_version)
+        if background:
+            row["rollout_seconds"] = ro.parts.get("generate", 0.0) + ro.parts.get("reward", 0.0)
+        if cfg.grpo.refill:
+            row.update(refill_prompts=ro.refill_prompts, refill_capped=float(ro.refill_capped))
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            if pending is not None:  # the engines finish the next batch, then evaluate this step's weights
+                with timer("generate"):
+                    pending = done(pending.result())
+            engines_catch_up(timer)
             with timer("eval"):
                 row.update(evaluate(engines, test_set, cfg))
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step in (cfg.train.steps, cfg.train.stop_after) \
                 or stop.requested:
-            with timer("checkpoint"):
-                save(learners, cfg, out, step, order)
+            with timer("checkpoint"), channel.lock:
+                save(learners, cfg, out, step, ro.order_state)
         faulted = fault_row(engines, channel, faults, seen)
         row.update(timer.report(), **faulted.pop("numbers"))
-        metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in batch_ids], **faulted})  # 7. log
-        faults.last_step = step
+        metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in ro.batch_ids], **faulted})
+        faults.last_step = step                                                          # 7. log
         print(progress.line(step) + "\n  " + format_row(step, row), flush=True)
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-            print(format_sample(train_set.examples[batch_ids[0]], groups[0][0], rewards[0, 0].item()), flush=True)
+            print(format_sample(train_set.examples[ro.batch_ids[0]], ro.groups[0][0], ro.rewards[0, 0].item()),
+                  flush=True)
         if stop.requested:
             raise StopRequested(f"{stop.requested}: stopped after step {step} with its checkpoint in {out}; "
                                 f"submit the same command again to continue (exit code {EXIT_STOPPED})")
@@ -393,17 +487,28 @@ def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Acto
     return step
 
 
-def check_versions(groups: list[list[Sample]], expected: int) -> None:
-    """Every sample of a step comes from the weights the learner last sent (a replacement never serves its own)."""
-    stale = sorted({s.weight_version for g in groups for s in g} - {expected})
+def done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def check_versions(groups: list[list[Sample]], allowed: set[int]) -> None:
+    """Every sample of a step comes from the weights the engines held when its rollout began or, after an engine
+    was replaced mid-rollout, from the learner's current ones: never from a replacement's startup weights, and at
+    most one update behind the learner (train.pipeline: one_step_off)."""
+    stale = sorted({s.weight_version for g in groups for s in g} - allowed)
     if stale:
-        raise RuntimeError(f"samples from weight version(s) {stale} in a step that expects version {expected}")
+        raise RuntimeError(f"samples from weight version(s) {stale} in a step that expects {sorted(allowed)}")
 
 
-def fault_row(engines: EngineGroup, channel: WeightChannel, faults: Faults, seen: tuple[int, int]) -> dict:
-    """Restart counters (whole job) and this step's recoveries: their seconds, how replacements checked out against
-    the learner ("numbers", for every sink), and each replacement's record (metrics.jsonl only)."""
-    new, checks = engines.restarts[seen[0]:], channel.checks[seen[1]:]
+def fault_row(engines: EngineGroup, channel: WeightChannel, faults: Faults, seen: list[int]) -> dict:
+    """Restart counters (whole job) and the recoveries ended since the last row (`seen` counts those logged; a
+    replacement still recovering in the rollout thread waits for the next row): their seconds, how replacements
+    checked out against the learner ("numbers", for every sink), and each replacement's record (metrics.jsonl only)."""
+    new = list(itertools.takewhile(lambda r: "seconds" in r, engines.restarts[seen[0]:]))
+    checks = channel.checks[seen[1]:]
+    seen[0], seen[1] = seen[0] + len(new), seen[1] + len(checks)
     numbers = {"engine_restarts": faults.engine_restarts + len(engines.restarts), "job_restarts": faults.job_restarts,
                "steps_recomputed": faults.steps_recomputed,
                "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
@@ -444,13 +549,16 @@ def format_row(step: int, row: dict) -> str:
                   f"capped {t['is_capped_frac']:.3f}"]
     else:
         parts.append("no update (every group filtered)")
+    if "refill_prompts" in t:
+        parts.append(f"groups kept {t['groups_kept']}/{t['groups']}" + (" (refill cap)" if t["refill_capped"] else ""))
     if "eval/accuracy" in t:
         parts.append(f"EVAL acc {t['eval/accuracy']:.3f} fmt {t['eval/format_rate']:.3f}")
     if t.get("engine_restarts") or t.get("job_restarts"):
         parts.append(f"restarts: engines {t['engine_restarts']} job {t['job_restarts']}" +
                      (f" (recovered in {t['recover_seconds']:.0f}s this step)" if t.get("recover_seconds") else ""))
     times = " ".join(f"{k[5:]} {v:.1f}" for k, v in t.items() if k.startswith("time/") and k != "time/step")
-    parts.append(f"| {t['time/step']:.1f}s ({times}) gen {t['gen_tokens_per_s']:.0f} tok/s")
+    ahead = f", rollout {t['rollout_seconds']:.1f} overlapped" if "rollout_seconds" in t else ""
+    parts.append(f"| {t['time/step']:.1f}s ({times}{ahead}) gen {t['gen_tokens_per_s']:.0f} tok/s")
     return "  ".join(parts)
 
 

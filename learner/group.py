@@ -61,6 +61,7 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
         "skipped_steps": first["skipped_steps"],
         "nonfinite_microbatches": first["nonfinite_microbatches"],
         "train_tokens": tot["tokens"],
+        "train_seqs": tot["seqs"],
         "train_seconds": max(m["train_seconds"] for m in per_rank),
     }
 

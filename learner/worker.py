@@ -94,10 +94,15 @@ class LearnerWorker:
             "managed_gradient_accumulation": False,  # each step() is a boundary, after any number of backward()
             "gradient_clipping": cfg["max_grad_norm"],
             "zero_optimization": {"stage": cfg["zero_stage"]},
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
         }
+        if self.dtype == torch.bfloat16:
+            # Mixed precision as torch autocast: the parameters, their gradients (accumulated over micro-batches and
+            # reduced over ranks) and the optimizer stay fp32; matmuls run in bf16. DeepSpeed's "bf16" mode would
+            # keep bf16 parameters and accumulate their gradients in bf16. No module communicates in bf16 (empty
+            # lower_precision_safe_modules), so gradient reductions stay fp32 too.
+            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         self.zero3 = cfg["zero_stage"] == 3
         if self.zero3:
             # While this object lives, from_pretrained builds every model inside deepspeed.zero.Init: each parameter
@@ -142,7 +147,9 @@ class LearnerWorker:
 
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
-                "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local}
+                "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local,
+                "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
+                "grad_accum_dtype": str(self.engine.get_data_types()[1]).removeprefix("torch.")}
 
     @property
     def _dev(self) -> torch.device:
@@ -314,7 +321,8 @@ class LearnerWorker:
         return list(self.engine.module.named_parameters())
 
     def weight_plan(self) -> list:
-        params = [(n, p.dtype if not self.zero3 else p.ds_tensor.dtype, tuple(p.ds_shape) if self.zero3 else tuple(p.shape))
+        """Buckets in the compute dtype (the engines' dtype): fp32 parameters are sent as bf16 under autocast."""
+        params = [(n, self.dtype if p.is_floating_point() else p.dtype, tuple(p.ds_shape) if self.zero3 else tuple(p.shape))
                   for n, p in self._named_params()]
         self.plan = weight_sync.plan_buckets(params, self.cfg["bucket_mb"] << 20)
         self.pack_buffers = None

@@ -50,6 +50,7 @@ class EngineGroup:
         self._pending = [e.info.remote() for e in self.engines]
         self.restarts: list[dict] = []  # {"engine", "phase", "cause", "seconds"} per replacement, in order
         self.after_restart: Callable[[list[int]], None] | None = None
+        self.closed = False  # after shutdown no engine is replaced (a generate in another thread ends in an error)
 
     def _spawn(self, i: int):
         strategy = None if self.placement_group is None else PlacementGroupSchedulingStrategy(
@@ -111,6 +112,8 @@ class EngineGroup:
         """Kill the failed engines, start new ones in the same bundles, wait until they serve, and (with `resync`)
         hand them to `after_restart`, which gives every engine the learner's current weights."""
         start = time.monotonic()
+        if self.closed:
+            raise RuntimeError(f"engines {sorted(failed)} failed during {phase} after the engine group was shut down")
         for i, cause in failed.items():
             record = {"engine": i, "phase": phase, "cause": f"{self.name(i)} {cause}", "start": start}
             if len(self.restarts) >= self.max_restarts:
@@ -151,6 +154,7 @@ class EngineGroup:
         return [e.receive_weights.remote(version) for e in self.engines]
 
     def shutdown(self) -> None:
+        self.closed = True
         for e in self.engines:
             ray.kill(e)
         self.engines = []

@@ -69,15 +69,16 @@ def undisturbed(ray_local, cpu_vllm, tmp_path_factory):
     return rows
 
 
-def assert_complete(rows, undisturbed):
-    """Every step once, the undisturbed run's prompts, all groups with all samples, the expected weights."""
+def assert_complete(rows, undisturbed, behind: int = 0):
+    """Every step once, the undisturbed run's prompts, all groups with all samples, the expected weights (those of
+    the update before the step, or before the one before it when the rollout runs one step ahead)."""
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in undisturbed]
     for r in rows:
         assert (r["groups"], r["samples"], r["dropped_prompts"]) == (PROMPTS, PROMPTS * N, 0), r
     updated = [r["step"] for r in rows if "loss" in r]
     for r in rows:
-        assert r["weight_version"] == max([s for s in updated if s < r["step"]], default=0)
+        assert r["weight_version"] == max([s for s in updated if s < r["step"] - behind], default=0), r
 
 
 def engine_generating():
@@ -144,6 +145,28 @@ def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
     assert in_sync  # the driver was still waiting on the sync when the engine died
     assert_complete(rows, undisturbed)
     assert "died" in the_restart(rows, "weight sync", killed)["cause"]
+    assert_replacement_follows_the_learner(rows)
+
+
+def test_engine_killed_while_generating_ahead(undisturbed, tmp_path):
+    """train.pipeline: one_step_off. The engine dies generating step k + 1 while the learner trains step k: its
+    replacement waits for the learner's call to end, gets the weights of step k, and the prompts the dead engine held
+    are generated again; every sample stays within one update of the learner."""
+    def generating_ahead():
+        if not procs.driver_in("train_step", "learner/group.py"):
+            return None
+        return next((pid for pid, t in procs.actor_pids("RolloutEngine").items() if ".generate" in t), None)
+
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        pid = procs.wait_for(generating_ahead, 120, what="an engine generating while the learner trains")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    rows, killed = run_job(tmp_path, act, "train.pipeline=one_step_off")
+    assert_complete(rows, undisturbed, behind=1)
+    assert all(r["staleness"] <= 1 for r in rows)
+    assert "died" in the_restart(rows, "generate", killed)["cause"]
     assert_replacement_follows_the_learner(rows)
 
 

@@ -66,6 +66,7 @@ def test_submitted_job_learns(uninterrupted):
     updated = [r["step"] for r in rows if "loss" in r]  # steps whose batch reached the learner
     for r in rows:  # samples come from the weights of the last update before their step
         assert r["weight_version"] == max([s for s in updated if s < r["step"]], default=0)
+        assert r["staleness"] == 0
 
 
 def test_resume_continues_the_same_data_order(head, uninterrupted, tmp_path):
@@ -82,6 +83,65 @@ def test_resume_continues_the_same_data_order(head, uninterrupted, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once, counter continues at 8
     assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in full_rows]  # nothing replayed or skipped
     assert rows[7]["weight_version"] == 7  # the engines got the checkpoint's weights before step 8
+
+
+@pytest.fixture(scope="module")
+def one_step_off(head, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-one-step-off")
+    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={out}", "train.pipeline=one_step_off")
+    assert code == 0, log[-4000:]
+    return out, log
+
+
+def test_one_step_off_pipeline_learns_one_update_behind(one_step_off, uninterrupted):
+    out, log = one_step_off
+    rows = train_rows(out)
+    assert "pipeline one_step_off" in log and [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    first, last = mean_of(rows[:5], "reward"), mean_of(rows[-5:], "reward")
+    assert last >= first + MARGIN, f"reward did not rise: first 5 steps {first:.3f}, last 5 {last:.3f}"
+    assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in train_rows(uninterrupted[0])]  # same data
+    updated = [r["step"] for r in rows if "loss" in r]
+    for r in rows:  # step k's batch was generated while step k-1 trained: by the weights of the update before it
+        assert r["weight_version"] == max([s for s in updated if s < r["step"] - 1], default=0), r
+        assert r["staleness"] == (1 if r["step"] - 1 in updated else 0), r
+    assert "rollout_seconds" not in rows[0] and all(r["rollout_seconds"] > 0 for r in rows[1:])  # in the background
+    # The importance correction sees the update's gap: the engines' logprobs are far from the learner's, where the
+    # sync run's differ only by kernels.
+    behind, same = mean_of(rows[2:], "mismatch_kl"), mean_of(train_rows(uninterrupted[0])[2:], "mismatch_kl")
+    assert behind > 10 * same, (behind, same)
+
+
+def test_one_step_off_resume_continues_the_same_data_order(head, one_step_off, tmp_path):
+    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}", "train.pipeline=one_step_off",
+                       "train.stop_after=7")
+    assert code == 0, log[-4000:]
+    assert latest_checkpoint(tmp_path).name == "step-000007"
+    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}", "train.pipeline=one_step_off")
+    assert code == 0 and "at step 7" in log, log[-4000:]
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in train_rows(one_step_off[0])]
+    assert rows[7]["weight_version"] == 7  # step 8 is generated again, from the checkpoint's weights
+
+
+def test_refill_keeps_every_step_full_in_data_order(head, uninterrupted, tmp_path):
+    """2 samples of 2 tokens per prompt: most groups score 0 twice (no digit), so most are filtered; refill draws
+    further prompts in data order until each step has prompts_per_step groups with a reward spread."""
+    steps, per_step = 4, 4
+    code, log = submit(head, f"train.steps={steps}", f"train.output_dir={tmp_path}", f"train.prompts_per_step={per_step}",
+                       "rollout.n=2", "rollout.max_tokens=2", "grpo.refill=true", "grpo.refill_max_prompts=64",
+                       "eval.every=0", "ckpt.export_hf=false")
+    assert code == 0, log[-4000:]
+    rows = train_rows(tmp_path)
+    assert sum(r["groups_filtered"] for r in rows) >= sum(r["groups"] for r in rows) / 2, rows  # half or more equal
+    for r in rows:
+        assert r["groups_kept"] == per_step and r["refill_capped"] == 0 and r["train_seqs"] == 2 * per_step, r
+        assert r["refill_prompts"] == r["groups"] - per_step
+    assert sum(r["refill_prompts"] for r in rows) > 0
+    drawn = [i for r in rows for i in r["batch_ids"]]
+    full = [i for r in train_rows(uninterrupted[0]) for i in r["batch_ids"]]
+    assert len(drawn) <= len(full) and drawn == full[:len(drawn)]  # in data order: nothing skipped or drawn twice
+    assert "groups kept 4/" in log
 
 
 def test_oversized_request_fails_fast_naming_the_shortfall(head):

@@ -98,6 +98,26 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     assert max_diff(weights, ref_weights) < 2e-5
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_trains_fp32_weights_and_gradients(ray_local, tiny_model, stage):
+    """model.dtype bfloat16 (the GPU default): matmuls in bf16 under autocast; parameters, gradients accumulated over
+    micro-batches, their reduction over ranks and the optimizer in fp32 (DeepSpeed's own bf16 mode would accumulate
+    in bf16); the engines are sent bf16."""
+    group = LearnerGroup(tiny_model, "cpu", learner_cfg(stage), GRPOConfig(), total_steps=10, dtype="bfloat16").ready()
+    try:
+        assert [(i["param_dtype"], i["grad_accum_dtype"]) for i in group.infos] == [("float32", "float32")] * 2
+        assert {b.dtype for b in group.weight_plan()} == {"bfloat16"}
+        samples = make_batch(0)  # 2 micro-batches per rank
+        ref_loss, ref_norm, _ = reference_step(tiny_model, samples)
+        m = group.train_step(samples, T)
+        assert m["loss"] == pytest.approx(ref_loss, rel=0.05) and m["grad_norm"] == pytest.approx(ref_norm, rel=0.05)
+        weights = group.full_state_dict()
+        assert {v.dtype for v in weights.values()} == {torch.float32}
+        assert max_diff(weights, load(tiny_model).state_dict()) > 1e-4
+    finally:
+        group.shutdown()
+
+
 def test_zero3_builds_each_model_partitioned(zero2, zero3):
     assert all(info["partitioned_at_build"] for info in zero3.infos)  # built inside zero.Init, never whole
     assert not any(info["partitioned_at_build"] for info in zero2.infos)
