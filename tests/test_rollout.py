@@ -6,7 +6,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import weight_sync
 from core.balance import split_balanced
@@ -39,6 +39,7 @@ PROMPTS = [[48, 293, 288, 75, 67], [271, 78, 75], list(range(30, 90))]
 def test_n16_samples_with_logprobs_matching_transformers(engines, tiny_model):
     groups = engines.generate(PROMPTS, 16, temperature=0.7, max_tokens=24)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert [len(g) for g in groups] == [16, 16, 16]
     worst = 0.0
     for prompt, group in zip(PROMPTS, groups):
@@ -46,6 +47,8 @@ def test_n16_samples_with_logprobs_matching_transformers(engines, tiny_model):
         for s in group:
             assert s.prompt_ids == prompt and s.finish_reason in ("stop", "length")
             assert len(s.logprobs) == len(s.completion_ids) > 0
+            # the text is the tokens' (vLLM's incremental decoding holds back a trailing partial UTF-8 character)
+            assert s.text.rstrip("\ufffd") == tokenizer.decode(s.completion_ids, skip_special_tokens=True).rstrip("\ufffd")
             ref = hf_logprobs(model, s.prompt_ids, s.completion_ids, 0.7)
             worst = max(worst, (ref - torch.tensor(s.logprobs)).abs().max().item())
     assert worst < 1e-4, f"vLLM vs transformers logprob gap {worst}"
