@@ -10,7 +10,7 @@ train phases. Then:
   async step ÷ max(generate, train)     (target ≤ 1.15; generate and train of the sync run, where they do not
                                           share the cores)
 
-    .venv/bin/python bench/pipeline.py [--steps 10 --prompts 8 --tokens 160]
+    .venv/bin/python bench/pipeline.py [--steps 10 --prompts 8 --tokens 224]
 """
 import argparse
 import os
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--tokens", type=int, default=224)
     args = parser.parse_args()
     common.start_ray(num_cpus=4)
     found = {}
