@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from launch.config import GRPOConfig
-from launch.train import build_batch, score, step_row
+from launch.batch import build_batch, score, step_row
 from rewards import WeightedReward
 from core.types import Sample
 
