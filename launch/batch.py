@@ -1,6 +1,8 @@
 """One step's data, from prompts to the training batch: prompts drawn in data order, n samples each, rewards, GRPO
-advantages, DAPO refill (`collect`), greedy evaluation, and the numbers a step logs (`step_row`). The loop in
-`launch.train` calls these; they hold no actors of their own."""
+advantages, DAPO refill (`collect`), evaluation on every eval set (`evaluate`), and the numbers a step logs
+(`step_row`). The loop in `launch.train` and the eval-only entry point `launch.evaluate` call these; they hold no
+actors of their own. Nothing here knows the task: rewards and metrics come from a `rewards.Scorer` built from the
+config (`make_scorer`)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,11 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from core.types import Sample, TrainSample
-from launch.config import Config, ConfigError
-from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k
+from launch.config import Config, ConfigError, Fields
+from launch.data import Example, PromptOrder, encode_prompts, load_examples
 from learner.grpo import group_advantages, overlong_penalty
-from rewards import WeightedReward
-from rewards.gsm8k import accuracy_reward, format_reward
+from rewards import Scorer
 from rollout.group import EngineGroup
 
 
@@ -22,6 +23,7 @@ from rollout.group import EngineGroup
 class PromptSet:
     examples: list[Example]
     ids: list[list[int]]
+    name: str = ""  # eval sets: "" for data.test_split (logged as eval/...), else eval/<name>/...
 
 
 class StepTimer:
@@ -43,43 +45,62 @@ class StepTimer:
         return {**out, "time/other": max(0.0, total - sum(self.parts.values())), "time/step": total}
 
 
-def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, PromptSet]:
-    train_ex, train_ids, _ = encode_prompts(load_gsm8k("train", cfg.data.source), cfg.data, tokenizer)
-    test_ex = load_gsm8k("test", cfg.data.source)[: cfg.eval.num_examples]
-    test_ex, test_ids, _ = encode_prompts(test_ex, cfg.data, tokenizer)
-    for split, ids in (("train", train_ids), ("test", test_ids)):
+def make_scorer(cfg: Config) -> Scorer:
+    """The task's rewards and metrics (call `close()` when done: user rewards run in a process pool)."""
+    t = cfg.task
+    return Scorer(cfg.rewards, t.functions, t.accuracy, t.format, t.reward_workers, t.reward_timeout_s,
+                  t.reward_max_failures)
+
+
+def load_train(cfg: Config, tokenizer) -> PromptSet:
+    examples = load_examples(cfg.data.train_split, cfg.data.source, cfg.data, label=cfg.task.name)
+    examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
+    if not ids:
+        raise ConfigError(f"no {cfg.task.name} {cfg.data.train_split} prompt fits "
+                          f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    return PromptSet(examples, ids)
+
+
+def load_eval_sets(cfg: Config, tokenizer) -> list[PromptSet]:
+    """data.test_split first (logged as eval/...), then every eval.sets entry (eval/<name>/...)."""
+    specs = [("", cfg.data.source, cfg.data.test_split, cfg.data, cfg.eval.num_examples)]
+    for e in cfg.eval.sets:
+        fields = Fields(**{k: getattr(e, k) if getattr(e, k) is not None else getattr(cfg.data, k)
+                           for k in Fields.model_fields})
+        specs.append((e.name, e.source, e.split, fields, e.num_examples or cfg.eval.num_examples))
+    sets = []
+    for name, source, split, fields, count in specs:
+        examples = load_examples(split, source, fields, label=name or cfg.task.name)[:count]
+        examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
         if not ids:
-            raise ConfigError(f"no GSM8K {split} prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-    return PromptSet(train_ex, train_ids), PromptSet(test_ex, test_ids)
+            raise ConfigError(f"no {name or cfg.task.name} {split} prompt fits "
+                              f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        sets.append(PromptSet(examples, ids, name))
+    return sets
 
 
-def score(groups: list[list[Sample]], golds: list[str], reward: WeightedReward, grpo=None,
+def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
+    return load_train(cfg, tokenizer), load_eval_sets(cfg, tokenizer)
+
+
+def score(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, grpo=None,
           max_tokens: int = 0) -> tuple[torch.Tensor, dict]:
-    """Rewards [prompts, n] and per-sample details (each reward, strict accuracy, format). Prompts the engine
-    dropped (past its window) get zero rewards here and are left out of the details and of the batch. With
+    """Rewards [prompts, n] and per-sample details (each reward, the task's accuracy and format). Prompts the
+    engine dropped (past its window) get zero rewards here and are left out of the details and of the batch. With
     grpo.overlong == "penalty", DAPO's soft overlong penalty is added to each reward."""
-    penalty = grpo is not None and grpo.overlong == "penalty"
-    totals, details = [], {"accuracy": [], "format_rate": [], **{f"reward/{k}": [] for k in reward.weights}}
-    if penalty:
-        details["overlong_penalty"] = []
-    for samples, gold in zip(groups, golds):
-        row = []
-        if samples[0].finish_reason == "dropped":
-            totals.append([0.0] * len(samples))
-            continue
-        for s in samples:
-            total, parts = reward(s.text, gold)
-            if penalty:
-                details["overlong_penalty"].append(overlong_penalty(len(s.completion_ids), max_tokens,
-                                                                    grpo.overlong_buffer))
-                total += details["overlong_penalty"][-1]
-            row.append(total)
-            for k, v in parts.items():
-                details[f"reward/{k}"].append(v)
-            details["accuracy"].append(accuracy_reward(s.text, gold))
-            details["format_rate"].append(format_reward(s.text))
-        totals.append(row)
-    return torch.tensor(totals, dtype=torch.float64), details
+    live = [(samples, ex) for samples, ex in zip(groups, examples) if samples[0].finish_reason != "dropped"]
+    flat = [(s, ex) for samples, ex in live for s in samples]
+    totals, details = scorer.score_batch([s.text for s, _ in flat], [ex.gold for _, ex in flat],
+                                         [ex.fields for _, ex in flat])
+    if grpo is not None and grpo.overlong == "penalty":
+        details["overlong_penalty"] = [overlong_penalty(len(s.completion_ids), max_tokens, grpo.overlong_buffer)
+                                       for s, _ in flat]
+        totals = [t + p for t, p in zip(totals, details["overlong_penalty"])]
+    it, out = iter(totals), []
+    for samples in groups:
+        live_group = samples[0].finish_reason != "dropped"
+        out.append([next(it) if live_group else 0.0 for _ in samples])
+    return torch.tensor(out, dtype=torch.float64), details
 
 
 def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tuple[list[TrainSample], int]:
@@ -116,7 +137,7 @@ class Rollout:
     version: int = 0  # the weight version the engines held as the rollout began
 
 
-def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: PromptOrder, reward: WeightedReward,
+def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: PromptOrder, scorer: Scorer,
             sampling: dict) -> Rollout:
     """Draw prompts_per_step prompts, generate n samples each, score them, build the batch. With grpo.refill,
     draw as many further prompts as groups were filtered out, round after round, until the step keeps
@@ -129,7 +150,7 @@ def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: Prompt
         with timer("generate"):
             got = engines.generate([prompts.ids[i] for i in new], cfg.rollout.n, **sampling)
         with timer("reward"):
-            r, d = score(got, [prompts.examples[i].gold for i in new], reward, cfg.grpo, cfg.rollout.max_tokens)
+            r, d = score(got, [prompts.examples[i] for i in new], scorer, cfg.grpo, cfg.rollout.max_tokens)
             b, f = build_batch(got, r, cfg.grpo)
         ids, groups, batch, filtered = ids + new, groups + got, batch + b, filtered + f
         rewards.append(r)
@@ -142,15 +163,36 @@ def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: Prompt
                    cfg.grpo.refill and len(ids) - filtered < want)
 
 
-def evaluate(engines: EngineGroup, test: PromptSet, cfg: Config) -> dict:
-    """Greedy, one sample per question, strict tag rules (the same functions as the rewards)."""
-    outs = engines.generate(test.ids, 1, temperature=0.0, max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens,
-                            stop=cfg.rollout.stop, timeout_s=cfg.timeouts.eval_s)
-    texts = [o[0].text for o in outs]
-    acc = [accuracy_reward(t, ex.gold) for t, ex in zip(texts, test.examples)]
-    fmt = [format_reward(t) for t in texts]
-    return {"eval/accuracy": sum(acc) / len(acc), "eval/format_rate": sum(fmt) / len(fmt),
-            "eval/completion_len": sum(len(o[0].completion_ids) for o in outs) / len(outs), "eval/n": len(acc)}
+def evaluate(engines: EngineGroup, sets: list[PromptSet], cfg: Config, scorer: Scorer) -> dict:
+    """Every eval set: eval.n samples per question (greedy by default), scored with the task's rewards (the same
+    functions as training); the numbers are `eval_numbers`'."""
+    out = {}
+    for test in sets:
+        groups = engines.generate(test.ids, cfg.eval.n, temperature=cfg.eval.temperature,
+                                  max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens, stop=cfg.rollout.stop,
+                                  timeout_s=cfg.timeouts.eval_s)
+        out.update(eval_numbers(groups, test.examples, scorer, f"eval/{test.name}/" if test.name else "eval/"))
+    return out
+
+
+def eval_numbers(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, prefix: str) -> dict:
+    """One eval set's numbers: accuracy (the mean over every sample), format_rate, reward (the weighted total),
+    completion_len, n (questions); with k > 1 samples per question also pass@k (the mean of each question's best
+    accuracy: for 0/1 scores, the share of questions with a correct sample) and mean@k (= accuracy)."""
+    k = len(groups[0])
+    flat = [(s, ex) for g, ex in zip(groups, examples) for s in g]
+    totals, details = scorer.score_batch([s.text for s, _ in flat], [ex.gold for _, ex in flat],
+                                         [ex.fields for _, ex in flat])
+    acc = details["accuracy"]
+    row = {"accuracy": sum(acc) / len(acc)}
+    if "format_rate" in details:
+        row["format_rate"] = sum(details["format_rate"]) / len(acc)
+    row.update(reward=sum(totals) / len(totals),
+               completion_len=sum(len(s.completion_ids) for s, _ in flat) / len(flat), n=len(groups))
+    if k > 1:
+        best = [max(acc[i * k:(i + 1) * k]) for i in range(len(groups))]
+        row.update({f"pass@{k}": sum(best) / len(best), f"mean@{k}": row["accuracy"]})
+    return {prefix + key: v for key, v in row.items()}
 
 
 def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, version, learner_version=None) -> dict:

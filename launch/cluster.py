@@ -112,11 +112,13 @@ def alive_nodes() -> list[dict[str, float]]:
     return [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
 
 
-def place(cfg, device: str, timeout_s: float = PLACEMENT_TIMEOUT_S):
-    """Check, then create and wait for the learner and rollout placement groups."""
+def place(cfg, device: str, timeout_s: float = PLACEMENT_TIMEOUT_S, learner_too: bool = True):
+    """Check, then create and wait for the learner (unless not `learner_too`: None) and rollout placement groups."""
     learner, rollout = bundles(cfg, device)
+    learner = learner if learner_too else []
     check_fits(learner, rollout, alive_nodes())
-    groups = {"learner": placement_group(learner, strategy="PACK"), "rollout": placement_group(rollout, strategy="PACK")}
+    groups = {"learner": placement_group(learner, strategy="PACK")} if learner else {}
+    groups["rollout"] = placement_group(rollout, strategy="PACK")
     start = time.time()
     for name, pg in groups.items():
         if not pg.wait(max(1.0, timeout_s - (time.time() - start))):
@@ -125,7 +127,7 @@ def place(cfg, device: str, timeout_s: float = PLACEMENT_TIMEOUT_S):
             raise ClusterTooSmall(
                 f"the {name} placement group {pg.bundle_specs} was not placed within {timeout_s:.0f}s; "
                 f"available now: {ray.available_resources()} (other jobs may hold the rest)")
-    return groups["learner"], groups["rollout"]
+    return groups.get("learner"), groups["rollout"]
 
 
 class WeightChannel:

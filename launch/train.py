@@ -19,14 +19,15 @@ from core.models import check_model, resolve_model
 from core.types import Sample
 from core.waits import ActorFault
 from launch import checkpoint
-from launch.batch import PromptSet, Rollout, StepTimer, check_versions, collect, evaluate, load_prompts, step_row
+from launch.batch import (PromptSet, Rollout, StepTimer, check_versions, collect, evaluate, load_prompts, make_scorer,
+                          step_row)
 from launch.cluster import WeightChannel, connect, detect_device, place
 from launch.config import Config, ConfigError, dump_config
 from launch.data import Example, PromptOrder
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
 from launch.outputs import OutputLock, resolve_output_dir
 from learner.group import LearnerGroup
-from rewards import WeightedReward
+from rewards import Scorer, check_functions
 from rollout.group import EngineGroup
 
 log = logging.getLogger("rlvr")
@@ -114,6 +115,10 @@ def train(cfg: Config) -> dict:
     train.max_restarts times: at most ckpt.every steps are computed again per restart."""
     wall = time.time()
     check_model(cfg.model.path)
+    try:
+        check_functions(cfg.task.functions)  # user rewards load before any actor starts
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     out = resolve_output_dir(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"output dir {out}")
@@ -191,15 +196,16 @@ def stop_actors(actors: Actors, faults: Faults) -> None:
 def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
     """One attempt: actors up, the checkpoint (if any) loaded, the loop; its actors are torn down however it ends."""
     resume_from = resume_point(cfg, out) if faults.job_restarts == 0 else checkpoint.latest_checkpoint(out)
+    scorer = make_scorer(cfg)  # its pool starts at the first pooled score
     actors = start_actors(cfg, device, faults)
     metrics = None
     try:
         from transformers import AutoTokenizer
 
         model_path = resolve_model(cfg.model.path)
-        train_set, test_set = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))  # while actors start
-        log.info(f"device {device}; model {model_path}; {len(train_set.ids)} train / {len(test_set.ids)} eval "
-                 f"prompts; {cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
+        train_set, eval_sets = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))  # while actors start
+        log.info(f"task {cfg.task.name}; device {device}; model {model_path}; {len(train_set.ids)} train / "
+                 f"{' + '.join(str(len(e.ids)) for e in eval_sets)} eval prompts; {cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
                  f"{cfg.rollout.tensor_parallel_size}; pipeline {cfg.train.pipeline}")
         if cfg.train.pipeline == "one_step_off" and cfg.grpo.importance == "off":
             log.warning("train.pipeline: one_step_off samples from weights one update behind the learner, and "
@@ -223,7 +229,7 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
             faults.recover_seconds, faults.failed_at = time.monotonic() - faults.failed_at, None
             log.warning(f"recovered in {faults.recover_seconds:.1f}s (in-job restart {faults.job_restarts})")
         metrics = MetricsLog(out, cfg, start)
-        step = loop(cfg, out, stop, faults, actors, metrics, train_set, test_set, start, order)
+        step = loop(cfg, out, stop, faults, actors, metrics, scorer, train_set, eval_sets, start, order)
         metrics.close()
         if cfg.ckpt.export_hf and step == cfg.train.steps:
             actors.learners.export_hf(str(out / "final_model"))
@@ -231,27 +237,27 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
         if metrics is not None:
             metrics.close()
         stop_actors(actors, faults)
+        scorer.close()  # after the rollout thread has ended
     rows = read_jsonl(metrics.path)
-    plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on GSM8K ({device})")
+    plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on {cfg.task.name} ({device})")
     text = summary(rows, out, time.time() - wall)
     print(text, flush=True)
     return {"step": step, "rows": rows, "summary": text, "output_dir": str(out)}
 
 
 def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Actors, metrics: MetricsLog,
-         train_set: PromptSet, test_set: PromptSet, start: int, order: PromptOrder) -> int:
+         scorer: Scorer, train_set: PromptSet, eval_sets: list[PromptSet], start: int, order: PromptOrder) -> int:
     """The training loop, from step `start` + 1; returns the last step done. With train.pipeline: one_step_off the
     rollout of step k + 1 runs in a thread while the learner trains step k (`channel.lock` keeps a replacement
     engine's resync from landing inside a learner call)."""
     learners, engines, channel = actors.learners, actors.engines, actors.channel
-    reward = WeightedReward(cfg.rewards)
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens,
                     stop=cfg.rollout.stop)
     ahead, last = cfg.train.pipeline == "one_step_off", min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
 
     def rollout() -> Rollout:
         version = channel.version  # what the engines hold as the rollout starts
-        ro = collect(cfg, engines, train_set, order, reward, sampling)
+        ro = collect(cfg, engines, train_set, order, scorer, sampling)
         ro.version = version
         return ro
 
@@ -261,7 +267,7 @@ def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Acto
                 channel.sync(channel.learner_version)
 
     if cfg.eval.every and cfg.eval.at_start and start == 0:
-        metrics.log(0, evaluate(engines, test_set, cfg))
+        metrics.log(0, evaluate(engines, eval_sets, cfg, scorer))
         log.info(f"eval at step 0: {read_jsonl(metrics.path)[-1]}")
 
     progress = Progress(cfg.train.steps, start)
@@ -306,13 +312,13 @@ def loop(cfg: Config, out: Path, stop: StopSignals, faults: Faults, actors: Acto
                     pending = done(pending.result())
             engines_catch_up(timer)
             with timer("eval"):
-                row.update(evaluate(engines, test_set, cfg))
+                row.update(evaluate(engines, eval_sets, cfg, scorer))
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step in (cfg.train.steps, cfg.train.stop_after) \
                 or stop.requested:
             with timer("checkpoint"), channel.lock:
                 save(learners, cfg, out, step, ro.order_state)
         faulted = fault_row(engines, channel, faults, seen)
-        row.update(timer.report(), **faulted.pop("numbers"))
+        row.update(timer.report(), **faulted.pop("numbers"), **scorer.failures())
         metrics.log(step, row, extra={"batch_ids": [train_set.examples[i].idx for i in ro.batch_ids], **faulted})
         faults.last_step = step                                                          # 7. log
         print(progress.line(step) + "\n  " + format_row(step, row), flush=True)
@@ -374,8 +380,8 @@ class Progress:
 
 def format_row(step: int, row: dict) -> str:
     t = row
-    parts = [f"reward {t['reward']:.3f}", f"acc {t['accuracy']:.3f}", f"fmt {t['format_rate']:.3f}",
-             f"len {t['completion_len']:.0f}"]
+    parts = [f"reward {t['reward']:.3f}", f"acc {t['accuracy']:.3f}"] + \
+        ([f"fmt {t['format_rate']:.3f}"] if "format_rate" in t else []) + [f"len {t['completion_len']:.0f}"]
     if "loss" in t:
         parts += [f"loss {t['loss']:+.4f}", f"kl {t['kl']:.4f}", f"clip {t['clip_frac']:.3f}",
                   f"ent {t['entropy']:.2f}", f"gnorm {t['grad_norm']:.3f}", f"lr {t['lr']:.2e}",
@@ -386,7 +392,11 @@ def format_row(step: int, row: dict) -> str:
     if "refill_prompts" in t:
         parts.append(f"groups kept {t['groups_kept']}/{t['groups']}" + (" (refill cap)" if t["refill_capped"] else ""))
     if "eval/accuracy" in t:
-        parts.append(f"EVAL acc {t['eval/accuracy']:.3f} fmt {t['eval/format_rate']:.3f}")
+        parts.append(f"EVAL acc {t['eval/accuracy']:.3f}" +
+                     (f" fmt {t['eval/format_rate']:.3f}" if "eval/format_rate" in t else ""))
+    failed = sum(v for k, v in t.items() if k.startswith("reward_failures/"))
+    if failed:
+        parts.append(f"reward failures {failed}")
     if t.get("engine_restarts") or t.get("job_restarts"):
         parts.append(f"restarts: engines {t['engine_restarts']} job {t['job_restarts']}" +
                      (f" (recovered in {t['recover_seconds']:.0f}s this step)" if t.get("recover_seconds") else ""))
@@ -398,5 +408,6 @@ def format_row(step: int, row: dict) -> str:
 
 def format_sample(example: Example, sample: Sample, reward_value: float) -> str:
     text = sample.text if len(sample.text) < 1200 else sample.text[:1200] + " …"
-    return (f"--- sample (reward {reward_value:.2f}, gold {example.gold}) ---\nQ: {example.question}\n"
+    question = example.question if isinstance(example.question, str) else example.question[-1]["content"]
+    return (f"--- sample (reward {reward_value:.2f}, gold {example.gold}) ---\nQ: {question}\n"
             f"A: {text}\n---")

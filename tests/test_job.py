@@ -1,5 +1,6 @@
 """The job as users run it: `ray job submit --working-dir . -- python launch/gsm8k.py ...` against a Ray head
 started by the test (private ports, temp dir and token; stopped by its own process group)."""
+import json
 import os
 import re
 import shutil
@@ -142,6 +143,89 @@ def test_refill_keeps_every_step_full_in_data_order(head, uninterrupted, tmp_pat
     full = [i for r in train_rows(uninterrupted[0]) for i in r["batch_ids"]]
     assert len(drawn) <= len(full) and drawn == full[:len(drawn)]  # in data order: nothing skipped or drawn twice
     assert "groups kept 4/" in log
+
+
+def test_eval_only_reproduces_the_final_eval(head, uninterrupted, tmp_path):
+    """`launch/evaluate.py` on the run's exported model, and on its last checkpoint, prints the numbers the run's
+    own final eval logged, to the last digit (greedy, the same engines and the same code)."""
+    out = uninterrupted[0]
+    final = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    assert final["step"] == STEPS
+    assert json.loads((out / "final_model" / "config.json").read_text())["use_cache"] is True  # ready for generate()
+    for which, target in (("--model", out / "final_model"), ("--checkpoint", out)):
+        result = tmp_path / f"{which[2:]}.json"
+        code, log = head.submit(["python", "launch/evaluate.py", "--config", "toy_tiny_cpu.yaml", which, str(target),
+                                 "--output", str(result), "train.device=cpu"], timeout_s=300)
+        assert code == 0, log[-3000:]
+        got = json.loads(result.read_text())
+        assert set(got) == {k for k in final if k.startswith("eval/")}
+        assert got == {k: final[k] for k in got}, (which, got, final)
+        assert f"eval: accuracy {final['eval/accuracy']:.4f}" in log
+
+
+USER_REWARD = """
+import time
+
+def digits(completion, gold, row):
+    assert row["question"]  # the row's fields come along
+    if len(completion) % 11 == 0:
+        time.sleep(5)  # past task.reward_timeout_s
+    if len(completion) % 11 == 1:
+        raise RuntimeError("user reward bug")
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+def broken(completion, gold):
+    return {"score": 1}[completion]
+"""
+
+
+def test_user_reward_from_a_file_reaches_metrics_and_its_failures_are_counted(head, tmp_path):
+    """A reward in a file outside the repository, named in the config of a submitted job: its scores reach
+    metrics.jsonl; calls that time out or raise score 0, are counted, and the job goes on."""
+    reward_file = tmp_path / "elsewhere" / "my_reward.py"
+    reward_file.parent.mkdir()
+    reward_file.write_text(USER_REWARD)
+    code, log = submit(head, "train.steps=3", f"train.output_dir={tmp_path / 'out'}",
+                       f"task.functions.mine={reward_file}:digits", "rewards.mine=1.0", "task.reward_timeout_s=1",
+                       "task.reward_max_failures=1000", "ckpt.export_hf=false")
+    assert code == 0, log[-3000:]
+    rows = train_rows(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 < r["reward/mine"] < 1 for r in rows)
+    failures = [r["reward_failures/mine"] for r in rows]
+    assert failures == sorted(failures) and failures[-1] > 0 and "reward failures" in log
+    evals = [r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+
+
+def test_a_reward_failing_k_times_in_a_row_stops_the_job(head, tmp_path):
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text(USER_REWARD)
+    code, log = submit(head, "train.steps=3", f"train.output_dir={tmp_path / 'out'}",
+                       f"task.functions.broken={reward_file}:broken", "rewards.broken=1.0",
+                       "task.reward_max_failures=5", "eval.every=0")
+    assert code == 1, log[-3000:]
+    assert "error: reward 'broken'" in log and "failed 5 times in a row" in log and "KeyError" in log, log[-3000:]
+    assert 'return {"score": 1}[completion]' in log  # the user's traceback, with the line that failed
+
+
+def test_math_preset_runs_on_cpu(head, tmp_path):
+    """The MATH preset end to end on a tiny random model: MATH prompts and \\boxed{} rewards (math-verify, in the
+    pool), three eval sets. The digits reward is added so that groups differ and the learner trains."""
+    code, log = head.submit(["python", "launch/gsm8k.py", "--config", "math_qwen2.5_0.5b.yaml",
+                             "model.path=builtin:tiny-qwen2", "model.dtype=float32", "train.device=cpu",
+                             "train.steps=2", "train.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=16",
+                             "rollout.cpu_kv_cache_gb=0.25", "rewards.digits=1.0", "eval.num_examples=8",
+                             "eval.every=2", "learner.micro_batch_size=16", "learner.gradient_checkpointing=false",
+                             "ckpt.export_hf=false", f"train.output_dir={tmp_path}"], timeout_s=600)
+    assert code == 0, log[-3000:]
+    assert "task math;" in log
+    rows = train_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and any("loss" in r for r in rows)
+    assert all(r["reward_failures/math_accuracy"] == 0 and "reward/math_accuracy" in r for r in rows)
+    final = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    for prefix in ("eval/", "eval/math500/", "eval/gsm8k/"):
+        assert 0 < final[prefix + "n"] <= 8 and 0 <= final[prefix + "accuracy"] <= 1 and prefix + "format_rate" in final
 
 
 def test_oversized_request_fails_fast_naming_the_shortfall(head):

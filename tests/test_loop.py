@@ -4,10 +4,15 @@ import torch
 
 from launch.config import GRPOConfig
 from launch.batch import build_batch, score, step_row
-from rewards import WeightedReward
+from launch.data import Example
+from rewards import Scorer
 from core.types import Sample
 
 GOOD, WRONG, BARE = "so 3 + 4 = 7\n<answer>7</answer>", "so 3 + 4 = 8\n<answer>8</answer>", "7"
+
+
+def gold(*answers):
+    return [Example(i, "q", a) for i, a in enumerate(answers)]
 
 
 def group(texts, finish="stop", version=2):
@@ -17,8 +22,8 @@ def group(texts, finish="stop", version=2):
 def test_score_build_batch_and_row():
     groups = [group([GOOD, WRONG, BARE, GOOD]), group([WRONG, WRONG, WRONG, WRONG]),
               [Sample([9] * 9, [], [], "dropped", 2) for _ in range(4)]]
-    reward = WeightedReward({"accuracy": 1.0, "format": 0.2})
-    rewards, details = score(groups, ["7", "7", "7"], reward)
+    reward = Scorer({"accuracy": 1.0, "format": 0.2})
+    rewards, details = score(groups, gold("7", "7", "7"), reward)
     assert rewards.tolist() == [[1.2, 0.2, 0.0, 1.2], [0.2] * 4, [0.0] * 4]
     assert len(details["accuracy"]) == 8  # the dropped prompt is not scored
     assert details["format_rate"] == [1, 1, 0, 1, 1, 1, 1, 1]
@@ -41,11 +46,11 @@ def test_score_build_batch_and_row():
 def test_overlong_mask_and_penalty():
     long_group = [Sample([1], [5] * n, [-0.5] * n, finish, 2, text) for n, finish, text in
                   ((8, "length", GOOD), (3, "stop", GOOD), (5, "stop", WRONG), (7, "length", BARE))]
-    reward = WeightedReward({"accuracy": 1.0})
-    plain, _ = score([long_group], ["7"], reward)
+    reward = Scorer({"accuracy": 1.0})
+    plain, _ = score([long_group], gold("7"), reward)
     assert plain.tolist() == [[1.0, 1.0, 0.0, 0.0]]
     # max_tokens 8, buffer 4: lengths 8, 3, 5, 7 → penalties −1, 0, −0.25, −0.75
-    shaped, details = score([long_group], ["7"], reward, GRPOConfig(overlong="penalty", overlong_buffer=4), 8)
+    shaped, details = score([long_group], gold("7"), reward, GRPOConfig(overlong="penalty", overlong_buffer=4), 8)
     assert shaped.tolist() == [[0.0, 1.0, -0.25, -0.75]] and details["overlong_penalty"] == [-1.0, 0.0, -0.25, -0.75]
     kept, _ = build_batch([long_group], plain, GRPOConfig(overlong="off"))
     masked, _ = build_batch([long_group], plain, GRPOConfig(overlong="mask"))
