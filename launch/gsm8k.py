@@ -1,4 +1,5 @@
-"""GRPO on GSM8K: learner (DeepSpeed) and rollout engines (vLLM) as Ray actors.
+"""GRPO on GSM8K, or on any task a config describes (`configs/math_qwen2.5_0.5b.yaml`; README "Your own task"):
+learner (DeepSpeed) and rollout engines (vLLM) as Ray actors.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python launch/gsm8k.py --config configs/gsm8k_qwen2.5_0.5b.yaml [key.sub=value ...]

@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import math
 import multiprocessing
+import numbers
 import sys
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -74,8 +75,8 @@ def call(spec: str, completion: str, gold: str, row: dict) -> float:
         _LOADED[spec] = fn, takes_row(fn)
     fn, with_row = _LOADED[spec]
     value = fn(completion, gold, row) if with_row else fn(completion, gold)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"returned {value!r}: a reward must return a finite int or float")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"returned {value!r}: a reward must return a finite real number")
     return float(value)
 
 

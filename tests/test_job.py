@@ -211,12 +211,12 @@ def test_a_reward_failing_k_times_in_a_row_stops_the_job(head, tmp_path):
 
 def test_math_preset_runs_on_cpu(head, tmp_path):
     """The MATH preset end to end on a tiny random model: MATH prompts and \\boxed{} rewards (math-verify, in the
-    pool), three eval sets. The digits reward is added so that groups differ and the learner trains."""
+    pool), three eval sets sampled twice per question (pass@2, mean@2). The digits reward is added so that groups differ and the learner trains."""
     code, log = head.submit(["python", "launch/gsm8k.py", "--config", "math_qwen2.5_0.5b.yaml",
                              "model.path=builtin:tiny-qwen2", "model.dtype=float32", "train.device=cpu",
                              "train.steps=2", "train.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=16",
                              "rollout.cpu_kv_cache_gb=0.25", "rewards.digits=1.0", "eval.num_examples=8",
-                             "eval.every=2", "learner.micro_batch_size=16", "learner.gradient_checkpointing=false",
+                             "eval.every=2", "eval.n=2", "eval.temperature=1.0", "learner.micro_batch_size=16", "learner.gradient_checkpointing=false",
                              "ckpt.export_hf=false", f"train.output_dir={tmp_path}"], timeout_s=600)
     assert code == 0, log[-3000:]
     assert "task math;" in log
@@ -226,6 +226,7 @@ def test_math_preset_runs_on_cpu(head, tmp_path):
     final = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/accuracy" in r][-1]
     for prefix in ("eval/", "eval/math500/", "eval/gsm8k/"):
         assert 0 < final[prefix + "n"] <= 8 and 0 <= final[prefix + "accuracy"] <= 1 and prefix + "format_rate" in final
+        assert final[prefix + "pass@2"] >= final[prefix + "mean@2"] == final[prefix + "accuracy"]  # 2 samples each
 
 
 def test_oversized_request_fails_fast_naming_the_shortfall(head):
