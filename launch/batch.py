@@ -52,8 +52,15 @@ def make_scorer(cfg: Config) -> Scorer:
                   t.reward_max_failures)
 
 
+def _load(split: str, source: str, fields, label: str) -> list[Example]:
+    try:
+        return load_examples(split, source, fields, label=label)
+    except ValueError as err:  # no usable rows, a split the source lacks: the config's to fix (exit 2)
+        raise ConfigError(f"{label}: {err}") from None
+
+
 def load_train(cfg: Config, tokenizer) -> PromptSet:
-    examples = load_examples(cfg.data.train_split, cfg.data.source, cfg.data, label=cfg.task.name)
+    examples = _load(cfg.data.train_split, cfg.data.source, cfg.data, cfg.task.name)
     examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
     if not ids:
         raise ConfigError(f"no {cfg.task.name} {cfg.data.train_split} prompt fits "
@@ -67,10 +74,12 @@ def load_eval_sets(cfg: Config, tokenizer) -> list[PromptSet]:
     for e in cfg.eval.sets:
         fields = Fields(**{k: getattr(e, k) if getattr(e, k) is not None else getattr(cfg.data, k)
                            for k in Fields.model_fields})
+        if e.prompt_field is not None and e.messages_field is None:  # a set that names its prompt field
+            fields.messages_field = None                                 # does not inherit data's chat field
         specs.append((e.name, e.source, e.split, fields, e.num_examples or cfg.eval.num_examples))
     sets = []
     for name, source, split, fields, count in specs:
-        examples = load_examples(split, source, fields, label=name or cfg.task.name)[:count]
+        examples = _load(split, source, fields, name or cfg.task.name)[:count]
         examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
         if not ids:
             raise ConfigError(f"no {name or cfg.task.name} {split} prompt fits "
@@ -165,12 +174,13 @@ def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: Prompt
 
 def evaluate(engines: EngineGroup, sets: list[PromptSet], cfg: Config, scorer: Scorer) -> dict:
     """Every eval set: eval.n samples per question (greedy by default), scored with the task's rewards (the same
-    functions as training); the numbers are `eval_numbers`'."""
-    out = {}
+    functions as training); the numbers are `eval_numbers`'. Sampled evaluation is seeded (train.seed), so that it
+    does not depend on what the engines sampled before."""
+    out, sampled = {}, cfg.eval.temperature > 0
     for test in sets:
         groups = engines.generate(test.ids, cfg.eval.n, temperature=cfg.eval.temperature,
                                   max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens, stop=cfg.rollout.stop,
-                                  timeout_s=cfg.timeouts.eval_s)
+                                  seed=cfg.train.seed if sampled else None, timeout_s=cfg.timeouts.eval_s)
         out.update(eval_numbers(groups, test.examples, scorer, f"eval/{test.name}/" if test.name else "eval/"))
     return out
 

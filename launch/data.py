@@ -85,7 +85,7 @@ def read_rows(split: str, source: str = "auto") -> tuple[list[dict], str]:
         return _read_hub(dataset, config or None, split), f"hub {rest}"
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".parquet"):
-        return _read_file(path), str(path)
+        return _read_file(path), f"{path} (one file: the same rows for every split)"
     if path.is_dir():
         return _read_local(path, split), str(path)
     raise FileNotFoundError(f"data source {source!r} is neither auto/hub/offline, offline:<name>, hub:<id>, a folder "

@@ -50,9 +50,14 @@ def evaluate_model(cfg, checkpoint_dir: Path | None = None) -> dict:
     from launch.batch import evaluate, load_eval_sets, make_scorer
     from launch.cluster import connect, detect_device, place
     from launch.train import Actors, Faults, start_actors, stop_actors
+    from rewards import check_functions
     from rollout.group import EngineGroup
 
     check_model(cfg.model.path)
+    try:
+        check_functions(cfg.task.functions)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     connect(cfg.train.ray_address)
     device = detect_device(cfg.train.device, cfg)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path))
@@ -73,6 +78,10 @@ def evaluate_model(cfg, checkpoint_dir: Path | None = None) -> dict:
             actors.channel.sync(checkpoint.read_state(checkpoint_dir)["step"])
         start = time.time()
         metrics = evaluate(actors.engines, sets, cfg, scorer)
+        failed = {k: v for k, v in scorer.failures().items() if v}
+        if failed:  # those calls scored 0: the numbers above are lower bounds
+            log.warning(f"reward calls that failed and scored 0: {failed}")
+            metrics.update(failed)
         log.info(f"evaluated {sum(len(s.ids) for s in sets)} questions × {cfg.eval.n} in {time.time() - start:.1f}s")
     finally:
         stop_actors(actors, faults)

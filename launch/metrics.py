@@ -79,6 +79,8 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
         axes[0].plot(steps, [r.get(key, float("nan")) for r in train], label=key, marker="." if len(steps) < 40 else None)
     axes[0].set_title("mean reward per sample")
     for key, label in (("accuracy", "train accuracy"), ("format_rate", "train format rate")):
+        if train and key not in train[0]:
+            continue
         axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     if evals:
         axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
@@ -113,8 +115,9 @@ def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
         lines.append(f"  reward      first {k} steps {mean_of(train[:k], 'reward'):.3f}  →  last {k} "
                      f"{mean_of(train[-k:], 'reward'):.3f}")
         for key in ("accuracy", "format_rate", "completion_len"):
-            lines.append(f"  {key:<11} first {k} steps {mean_of(train[:k], key):.3f}  →  last {k} "
-                         f"{mean_of(train[-k:], key):.3f}")
+            if key in train[0]:  # format_rate: only when the task names a format reward
+                lines.append(f"  {key:<11} first {k} steps {mean_of(train[:k], key):.3f}  →  last {k} "
+                             f"{mean_of(train[-k:], key):.3f}")
         # Mean over all steps; a phase a step did not run (no update, no eval) counts as 0 s.
         times = {t: sum(r.get(f"time/{t}", 0.0) for r in train) / len(train)
                  for t in ("generate", "reward", "train", "broadcast", "eval", "checkpoint", "other")}

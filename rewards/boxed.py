@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from math_verify import parse, verify  # ~1 s to import (sympy): at import, outside the pool's per-call timeout
+
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 MAX_ANSWER_CHARS = 1000  # longer "answers" are not answers, and would only cost the parser time
 
@@ -47,15 +49,11 @@ def last_boxed(text: str) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _parse(answer: str):
-    from math_verify import parse
-
     return parse(f"${answer}$", parsing_timeout=None)
 
 
 def boxed_accuracy(completion: str, gold: str) -> float:
     r"""1.0 if the last ``\boxed{}`` of ``completion`` equals ``gold`` (math-verify), else 0.0."""
-    from math_verify import verify
-
     answer = last_boxed(completion)
     if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return 0.0

@@ -5,24 +5,34 @@ crashing reward can neither stall nor kill the job. A failed call scores 0 and i
 in a row of one reward raise `RewardFailed` with its name and the last traceback.
 
 A function is named `package.module:function` or `path/to/file.py:function`. It takes `(completion, gold)` or
-`(completion, gold, row)`, where `row` is the dataset row's fields, and returns a number.
+`(completion, gold, row)`, where `row` is the dataset row's fields, and returns a number (a bool counts as 0/1).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
 import multiprocessing
 import numbers
+import os
 import sys
+import traceback
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Callable
 
+RESULT_GRACE_S = 60.0  # beyond the per-call timeout: a result that never comes back is a failure, never a hang
+
 
 class RewardFailed(RuntimeError):
     """One reward failed max_failures times in a row: the run stops (a bug in the reward, not bad luck)."""
+
+
+class RewardCallError(Exception):
+    """A reward call raised: args are (the error as one line, its traceback). Sent back instead of the user's own
+    exception, whose class the job's process may not be able to import."""
 
 
 def load_function(spec: str) -> Callable:
@@ -34,7 +44,7 @@ def load_function(spec: str) -> Callable:
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise ValueError(f"{spec!r}: no file {path}")
-        name = f"rlvr_user_reward_{abs(hash(str(path)))}"
+        name = "rlvr_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
             loader = importlib.util.spec_from_file_location(name, path)
@@ -68,16 +78,35 @@ def takes_row(fn: Callable) -> bool:
 _LOADED: dict[str, tuple[Callable, bool]] = {}
 
 
-def call(spec: str, completion: str, gold: str, row: dict) -> float:
-    """Runs in a pool process: the named function on one completion (loaded once per process)."""
+def _load(spec: str) -> tuple[Callable, bool]:
     if spec not in _LOADED:
         fn = load_function(spec)
         _LOADED[spec] = fn, takes_row(fn)
-    fn, with_row = _LOADED[spec]
-    value = fn(completion, gold, row) if with_row else fn(completion, gold)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"returned {value!r}: a reward must return a finite real number")
-    return float(value)
+    return _LOADED[spec]
+
+
+def start_worker(specs: list[str]) -> None:
+    """Pool process start: its own session, so that a signal to the job's process group (`ray job stop`, Ctrl-C)
+    does not kill calls in flight (the process still exits with the job: pebble watches its parent), and every
+    function loaded before the first call's timeout runs."""
+    os.setsid()
+    for spec in specs:
+        try:
+            _load(spec)
+        except Exception:  # noqa: BLE001 - reported by the first call, with its traceback
+            pass
+
+
+def call(spec: str, completion: str, gold: str, row: dict) -> float:
+    """Runs in a pool process: the named function on one completion."""
+    try:
+        fn, with_row = _load(spec)
+        value = fn(completion, gold, row) if with_row else fn(completion, gold)
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"returned {value!r}: a reward must return a finite real number")
+        return float(value)
+    except BaseException as err:  # noqa: BLE001 - whatever user code raises, even SystemExit, comes back as one type
+        raise RewardCallError(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
 
 
 class RewardPool:
@@ -93,7 +122,8 @@ class RewardPool:
         from pebble import ProcessPool
 
         # spawn: the job's process holds threads (Ray, the rollout thread); a forked child could inherit a held lock.
-        self._pool = ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPool(max_workers=self.workers, context=multiprocessing.get_context("spawn"),
+                                 initializer=start_worker, initargs=(sorted(set(self.specs.values())),))
 
     def score(self, name: str, completions: list[str], golds: list[str], rows: list[dict]) -> list[float]:
         """One score per completion; a failed call scores 0.0 and is counted."""
@@ -107,15 +137,17 @@ class RewardPool:
         out = []
         for future in futures:
             try:
-                out.append(future.result())
+                out.append(future.result(timeout=2 * self.timeout_s + RESULT_GRACE_S))  # queued behind one call
                 self.in_a_row[name] = 0
                 continue
+            except RewardCallError as err:
+                cause, trace = err.args
             except FutureTimeout:
                 cause, trace = f"timed out after {self.timeout_s:g}s (task.reward_timeout_s; its process was " \
                                "killed)", ""
             except ProcessExpired as err:
                 cause, trace = f"its process died (exit code {err.exitcode})", ""
-            except Exception as err:  # noqa: BLE001 - user code may raise anything; it is reported, not hidden
+            except Exception as err:  # noqa: BLE001 - the pool's own failure: reported, not hidden
                 cause, trace = f"{type(err).__name__}: {err}", getattr(err, "traceback", "")
             out.append(0.0)
             self.failures[name] += 1

@@ -73,6 +73,16 @@ def moody(completion, gold):
 
 def always_raises(completion, gold):
     raise KeyError("no such field in " + completion)
+
+class OwnError(Exception):
+    pass
+
+def own_error(completion, gold):
+    if completion == "boom":
+        raise OwnError("a class the job cannot import")
+    if completion == "exit":
+        raise SystemExit(0)
+    return completion == gold  # a bool counts as 0/1
 '''
 
 
@@ -103,6 +113,22 @@ def test_pool_scores_with_the_row_and_survives_bad_calls(reward_file):
         assert time.time() - start < 15  # the sleeper was cut at its 1 s timeout, not waited for (30 s)
         assert pool.failures == {"row": 0, "moody": 4} and pool.in_a_row["moody"] == 0
         assert pool.score("moody", ["ok"] * 3, [""] * 3, [{}] * 3) == [1.0] * 3  # the pool still works after kills
+    finally:
+        pool.close()
+
+
+def test_user_exceptions_of_any_class_come_back_as_failures(reward_file):
+    """A reward raising its own exception class (which the job's process cannot import) or SystemExit is a counted
+    failure with its traceback, not a lost result that hangs the job; workers run in their own session."""
+    pool = RewardPool({"own": f"{reward_file}:own_error"}, workers=1, timeout_s=5.0, max_failures=2)
+    try:
+        start = time.time()
+        assert pool.score("own", ["7", "boom", "7", "exit", "8"], ["7"] * 5, [{}] * 5) == [1.0, 0.0, 1.0, 0.0, 0.0]
+        assert time.time() - start < 20 and pool.failures["own"] == 2
+        workers = list(pool._pool._pool_manager.worker_manager.workers.values())
+        assert all(os.getsid(w.pid) == w.pid != os.getsid(0) for w in workers)  # out of the job's process group
+        with pytest.raises(RewardFailed, match=r"OwnError: a class the job cannot import(.|\n)*own_error"):
+            pool.score("own", ["boom", "boom"], ["", ""], [{}, {}])
     finally:
         pool.close()
 
@@ -172,6 +198,25 @@ def test_field_mapping_messages_and_malformed_rows(tmp_path, caplog):
     _, skipped = parse_rows([{"q": "x", "a": "none here"}], Fields(prompt_field="q", answer_field="a",
                                                                   answer_extract="boxed"))
     assert skipped == {"no \\boxed{} answer": 1}
+
+
+def test_an_eval_set_naming_its_prompt_field_does_not_inherit_the_chat_field(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"chat": [{"role": "user", "content": f"{i}+1?"}], "y": str(i + 1)})
+                               for i in range(3)) + "\n")
+    cfg = load_config("toy_tiny_cpu.yaml", [f"data.source={chats}", "data.chat_template=true",
+                                            "data.messages_field=chat", "data.answer_field=y",
+                                            "data.answer_extract=none", "eval.num_examples=4",
+                                            "eval.sets=[{name: g, source: 'offline:gsm8k', prompt_field: question, "
+                                            "answer_field: answer, answer_extract: gsm8k}]"])
+    own, gsm8k = load_eval_sets(cfg, AutoTokenizer.from_pretrained(tiny_model))
+    assert isinstance(own.examples[0].question, tuple) and len(own.ids) == 3
+    assert isinstance(gsm8k.examples[0].question, str) and gsm8k.examples[0].gold == "18" and len(gsm8k.ids) == 4
+    bad = load_config("toy_tiny_cpu.yaml", ["data.prompt_field=nope", "eval.num_examples=4"])
+    with pytest.raises(ConfigError, match="no usable rows"):  # exit 2 in the job, not a traceback
+        load_eval_sets(bad, AutoTokenizer.from_pretrained(tiny_model))
 
 
 def test_task_config_loads_every_eval_set(tiny_model):
