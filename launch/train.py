@@ -396,7 +396,7 @@ def format_row(step: int, row: dict) -> str:
                      (f" fmt {t['eval/format_rate']:.3f}" if "eval/format_rate" in t else ""))
     failed = sum(v for k, v in t.items() if k.startswith("reward_failures/"))
     if failed:
-        parts.append(f"reward failures {failed}")
+        parts.append(f"reward failures {failed} so far")  # failed calls scored 0 (reward_failures/* per reward)
     if t.get("engine_restarts") or t.get("job_restarts"):
         parts.append(f"restarts: engines {t['engine_restarts']} job {t['job_restarts']}" +
                      (f" (recovered in {t['recover_seconds']:.0f}s this step)" if t.get("recover_seconds") else ""))
