@@ -52,39 +52,35 @@ def make_scorer(cfg: Config) -> Scorer:
                   t.reward_max_failures)
 
 
-def _load(split: str, source: str, fields, label: str) -> list[Example]:
+def prompt_set(cfg: Config, tokenizer, source: str, split: str, fields, label: str, count: int | None = None,
+               name: str = "") -> PromptSet:
+    """The first `count` rows of a split that parse, as prompt token ids (those over data.max_prompt_tokens
+    dropped). Errors of the data are the config's to fix (exit 2)."""
     try:
-        return load_examples(split, source, fields, label=label)
-    except ValueError as err:  # no usable rows, a split the source lacks: the config's to fix (exit 2)
+        examples = load_examples(split, source, fields, label=label)[:count]
+    except ValueError as err:  # no usable rows, a split the source lacks
         raise ConfigError(f"{label}: {err}") from None
+    examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
+    if not ids:
+        raise ConfigError(f"no {label} {split} prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    return PromptSet(examples, ids, name)
 
 
 def load_train(cfg: Config, tokenizer) -> PromptSet:
-    examples = _load(cfg.data.train_split, cfg.data.source, cfg.data, cfg.task.name)
-    examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
-    if not ids:
-        raise ConfigError(f"no {cfg.task.name} {cfg.data.train_split} prompt fits "
-                          f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-    return PromptSet(examples, ids)
+    return prompt_set(cfg, tokenizer, cfg.data.source, cfg.data.train_split, cfg.data, cfg.task.name)
 
 
 def load_eval_sets(cfg: Config, tokenizer) -> list[PromptSet]:
     """data.test_split first (logged as eval/...), then every eval.sets entry (eval/<name>/...)."""
-    specs = [("", cfg.data.source, cfg.data.test_split, cfg.data, cfg.eval.num_examples)]
+    sets = [prompt_set(cfg, tokenizer, cfg.data.source, cfg.data.test_split, cfg.data, cfg.task.name,
+                       cfg.eval.num_examples)]
     for e in cfg.eval.sets:
         fields = Fields(**{k: getattr(e, k) if getattr(e, k) is not None else getattr(cfg.data, k)
                            for k in Fields.model_fields})
         if e.prompt_field is not None and e.messages_field is None:  # a set that names its prompt field
             fields.messages_field = None                                 # does not inherit data's chat field
-        specs.append((e.name, e.source, e.split, fields, e.num_examples or cfg.eval.num_examples))
-    sets = []
-    for name, source, split, fields, count in specs:
-        examples = _load(split, source, fields, name or cfg.task.name)[:count]
-        examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
-        if not ids:
-            raise ConfigError(f"no {name or cfg.task.name} {split} prompt fits "
-                              f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-        sets.append(PromptSet(examples, ids, name))
+        sets.append(prompt_set(cfg, tokenizer, e.source, e.split, fields, e.name,
+                               e.num_examples or cfg.eval.num_examples, e.name))
     return sets
 
 
@@ -98,9 +94,7 @@ def score(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, g
     engine dropped (past its window) get zero rewards here and are left out of the details and of the batch. With
     grpo.overlong == "penalty", DAPO's soft overlong penalty is added to each reward."""
     live = [(samples, ex) for samples, ex in zip(groups, examples) if samples[0].finish_reason != "dropped"]
-    flat = [(s, ex) for samples, ex in live for s in samples]
-    totals, details = scorer.score_batch([s.text for s, _ in flat], [ex.gold for _, ex in flat],
-                                         [ex.fields for _, ex in flat])
+    flat, totals, details = score_groups(scorer, [g for g, _ in live], [ex for _, ex in live])
     if grpo is not None and grpo.overlong == "penalty":
         details["overlong_penalty"] = [overlong_penalty(len(s.completion_ids), max_tokens, grpo.overlong_buffer)
                                        for s, _ in flat]
@@ -110,6 +104,15 @@ def score(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, g
         live_group = samples[0].finish_reason != "dropped"
         out.append([next(it) if live_group else 0.0 for _ in samples])
     return torch.tensor(out, dtype=torch.float64), details
+
+
+def score_groups(scorer: Scorer, groups: list[list[Sample]], examples: list[Example]) -> tuple[list, list, dict]:
+    """Every sample of every group scored against its example: (the (sample, example) pairs in order, totals,
+    details)."""
+    flat = [(s, ex) for g, ex in zip(groups, examples) for s in g]
+    totals, details = scorer.score_batch([s.text for s, _ in flat], [ex.gold for _, ex in flat],
+                                         [ex.fields for _, ex in flat])
+    return flat, totals, details
 
 
 def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tuple[list[TrainSample], int]:
@@ -190,9 +193,7 @@ def eval_numbers(groups: list[list[Sample]], examples: list[Example], scorer: Sc
     completion_len, n (questions); with k > 1 samples per question also pass@k (the mean of each question's best
     accuracy: for 0/1 scores, the share of questions with a correct sample) and mean@k (= accuracy)."""
     k = len(groups[0])
-    flat = [(s, ex) for g, ex in zip(groups, examples) for s in g]
-    totals, details = scorer.score_batch([s.text for s, _ in flat], [ex.gold for _, ex in flat],
-                                         [ex.fields for _, ex in flat])
+    flat, totals, details = score_groups(scorer, groups, examples)
     acc = details["accuracy"]
     row = {"accuracy": sum(acc) / len(acc)}
     if "format_rate" in details:

@@ -110,17 +110,24 @@ def gold_of(value, extract: str) -> str:
     return gold
 
 
+def _missing(fields) -> ValueError:
+    """The reason a row without a usable prompt or answer is skipped (one count for both)."""
+    if fields.messages_field:
+        return ValueError(f"missing or malformed {fields.messages_field}/{fields.answer_field}")
+    return ValueError(f"missing {fields.prompt_field}/{fields.answer_field}")
+
+
 def _prompt_of(row: dict, fields) -> str | tuple:
     if fields.messages_field:
         chat = row.get(fields.messages_field)
         if not isinstance(chat, list) or not chat or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in chat):
-            raise ValueError(f"missing or malformed {fields.messages_field}/{fields.answer_field}")
+            raise _missing(fields)
         return tuple({"role": m["role"], "content": m["content"]} for m in chat)
     prompt = row.get(fields.prompt_field)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"missing {fields.prompt_field}/{fields.answer_field}")
+        raise _missing(fields)
     return prompt.strip()
 
 
@@ -136,9 +143,7 @@ def parse_rows(rows: list[dict], fields=None) -> tuple[list[Example], dict[str, 
             prompt = _prompt_of(row, fields)  # a line that is not a JSON object has no fields
             answer = row.get(fields.answer_field)
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-                what = fields.messages_field or fields.prompt_field
-                raise ValueError(f"missing {'or malformed ' if fields.messages_field else ''}{what}/"
-                                 f"{fields.answer_field}")
+                raise _missing(fields)
             examples.append(Example(idx, prompt, gold_of(answer, fields.answer_extract), row))
         except ValueError as err:
             skipped[str(err)] = skipped.get(str(err), 0) + 1

@@ -45,33 +45,21 @@ def evaluate_model(cfg, checkpoint_dir: Path | None = None) -> dict:
     import ray
     from transformers import AutoTokenizer
 
-    from core.models import check_model, resolve_model
+    from core.models import resolve_model
     from launch import checkpoint
     from launch.batch import evaluate, load_eval_sets, make_scorer
-    from launch.cluster import connect, detect_device, place
-    from launch.train import Actors, Faults, start_actors, stop_actors
-    from rewards import check_functions
-    from rollout.group import EngineGroup
+    from launch.cluster import connect, detect_device
+    from launch.train import Faults, check_inputs, start_actors, stop_actors
 
-    check_model(cfg.model.path)
-    try:
-        check_functions(cfg.task.functions)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_inputs(cfg)
     connect(cfg.train.ray_address)
     device = detect_device(cfg.train.device, cfg)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path))
     sets, scorer, faults = load_eval_sets(cfg, tokenizer), make_scorer(cfg), Faults()
-    if checkpoint_dir is not None:
-        actors = start_actors(cfg, device, faults)
-    else:
-        _, rollout_pg = place(cfg, device, learner_too=False)
-        actors = Actors(None, None, None, (rollout_pg,))
+    actors = start_actors(cfg, device, faults, learner_too=checkpoint_dir is not None)
     try:
         if checkpoint_dir is None:
-            actors.engines = EngineGroup(cfg.model.path, device, cfg.rollout, max_model_len=cfg.max_model_len,
-                                         dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=rollout_pg,
-                                         timeouts=cfg.timeouts).ready()
+            actors.engines.ready()
         else:
             actors.connect(cfg, device, sets[0].ids[0])
             actors.learners.load(str(checkpoint_dir))

@@ -114,11 +114,7 @@ def train(cfg: Config) -> dict:
     placement group is torn down and the run resumes from its latest complete checkpoint inside the same job, up to
     train.max_restarts times: at most ckpt.every steps are computed again per restart."""
     wall = time.time()
-    check_model(cfg.model.path)
-    try:
-        check_functions(cfg.task.functions)  # user rewards load before any actor starts
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_inputs(cfg)
     out = resolve_output_dir(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"output dir {out}")
@@ -159,10 +155,20 @@ class Actors:
                                      verify_prompt if cfg.rollout.verify_restarts else None)
 
 
-def start_actors(cfg: Config, device: str, faults: Faults) -> Actors:
-    """Placement groups and actors; the actors start in the background (each resolves the model on its own node)."""
-    learner_pg, rollout_pg = place(cfg, device)
-    actors = Actors(None, None, None, (learner_pg, rollout_pg))
+def check_inputs(cfg: Config) -> None:
+    """Fail before any actor starts when the model cannot be had or a user reward does not load."""
+    check_model(cfg.model.path)
+    try:
+        check_functions(cfg.task.functions)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def start_actors(cfg: Config, device: str, faults: Faults, learner_too: bool = True) -> Actors:
+    """Placement groups and actors (engines only unless `learner_too`); the actors start in the background (each
+    resolves the model on its own node)."""
+    learner_pg, rollout_pg = place(cfg, device, learner_too=learner_too)
+    actors = Actors(None, None, None, tuple(pg for pg in (learner_pg, rollout_pg) if pg is not None))
     if cfg.train.pipeline == "one_step_off":
         actors.rollouts = ThreadPoolExecutor(1, thread_name_prefix="rollout")
     try:
@@ -170,9 +176,10 @@ def start_actors(cfg: Config, device: str, faults: Faults) -> Actors:
                                      dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=rollout_pg,
                                      timeouts=cfg.timeouts,
                                      max_restarts=cfg.rollout.max_restarts - faults.engine_restarts)
-        actors.learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
-                                       dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
-                                       timeouts=cfg.timeouts)
+        if learner_too:
+            actors.learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
+                                           dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
+                                           timeouts=cfg.timeouts)
     except BaseException:
         stop_actors(actors, faults)
         raise
@@ -205,8 +212,9 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
         model_path = resolve_model(cfg.model.path)
         train_set, eval_sets = load_prompts(cfg, AutoTokenizer.from_pretrained(model_path))  # while actors start
         log.info(f"task {cfg.task.name}; device {device}; model {model_path}; {len(train_set.ids)} train / "
-                 f"{' + '.join(str(len(e.ids)) for e in eval_sets)} eval prompts; {cfg.learner.num_workers} learner rank(s), {cfg.rollout.num_engines} engine(s) × TP "
-                 f"{cfg.rollout.tensor_parallel_size}; pipeline {cfg.train.pipeline}")
+                 f"{' + '.join(str(len(e.ids)) for e in eval_sets)} eval prompts; {cfg.learner.num_workers} learner "
+                 f"rank(s), {cfg.rollout.num_engines} engine(s) × TP {cfg.rollout.tensor_parallel_size}; pipeline "
+                 f"{cfg.train.pipeline}")
         if cfg.train.pipeline == "one_step_off" and cfg.grpo.importance == "off":
             log.warning("train.pipeline: one_step_off samples from weights one update behind the learner, and "
                         "grpo.importance: off leaves that gap uncorrected")
@@ -338,8 +346,6 @@ def done(value) -> Future:
     future = Future()
     future.set_result(value)
     return future
-
-
 
 
 def fault_row(engines: EngineGroup, channel: WeightChannel, faults: Faults, seen: list[int]) -> dict:
