@@ -25,6 +25,8 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from core import accel
+
 MAGIC = 0x5EED_5EED
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -218,8 +220,7 @@ def _send(group: WeightGroup, plan: list[Bucket], version: int, flat_buckets: It
         sent += flat.numel() * flat.element_size()
     if in_flight is not None:
         _wait(group, in_flight[0], in_flight[1].numel())
-    if str(device) != "cpu":
-        torch.cuda.synchronize()
+    accel.for_device(device).synchronize()  # every broadcast is done: this waits for nothing on the wire
     return sent
 
 

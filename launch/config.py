@@ -103,6 +103,11 @@ class RolloutConfig(_Strict):
     # many replacements per run (all engines together), then the job stops with the engines and causes named.
     max_restarts: int = Field(8, ge=0)
     verify_restarts: bool = True  # check a replacement's greedy tokens and logprobs against the learner's model
+    # Start the engines, wait until they serve, then start the learner. vLLM sizes its KV cache from the free memory
+    # of the whole GPU and asserts that it did not grow while it profiled; a learner starting beside it on a shared
+    # GPU (DeepSpeed's init frees its cache) breaks that. Default (null): first on cuda, side by side on cpu (where
+    # the KV cache has an explicit size and starting together saves time).
+    engines_first: bool | None = None
 
 
 class LearnerConfig(_Strict):

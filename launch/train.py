@@ -176,6 +176,9 @@ def start_actors(cfg: Config, device: str, faults: Faults, learner_too: bool = T
                                      dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=rollout_pg,
                                      timeouts=cfg.timeouts,
                                      max_restarts=cfg.rollout.max_restarts - faults.engine_restarts)
+        if learner_too and engines_first(cfg, device):
+            actors.engines.ready()
+            log.info(f"engines ready; starting the learner (rollout.engines_first on {device})")
         if learner_too:
             actors.learners = LearnerGroup(cfg.model.path, device, cfg.learner, cfg.grpo, total_steps=cfg.train.steps,
                                            dtype=cfg.model.dtype, seed=cfg.train.seed, placement_group=learner_pg,
@@ -184,6 +187,11 @@ def start_actors(cfg: Config, device: str, faults: Faults, learner_too: bool = T
         stop_actors(actors, faults)
         raise
     return actors
+
+
+def engines_first(cfg: Config, device: str) -> bool:
+    """Whether the learner waits for the engines to serve before it starts (`rollout.engines_first`)."""
+    return device == "cuda" if cfg.rollout.engines_first is None else cfg.rollout.engines_first
 
 
 def stop_actors(actors: Actors, faults: Faults) -> None:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from learner import grpo
-from core import weight_sync
+from core import accel, weight_sync
 from core.types import TrainSample, TrainShard
 
 
@@ -65,6 +65,7 @@ class LearnerWorker:
               total_steps: int, dtype: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> dict:
         """Join the DeepSpeed group and build model, optimizer and schedule. All ranks call this together.
         `timeout_s` bounds every collective of the group: a rank whose peer died or hangs raises instead of waiting."""
+        started_at = time.time()  # wall clock: the driver compares it with the engines' (rollout.engines_first)
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -79,8 +80,8 @@ class LearnerWorker:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
             # The shared-memory op is a ~75 s JIT build that the gloo path does not need.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        else:
-            torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
+        self.accel = accel.for_device(device)
+        self.accel.set_device()  # CUDA: Ray exposes this rank's GPU as device 0
         deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.dtype = getattr(torch, resolve_dtype(dtype, device))
@@ -145,7 +146,7 @@ class LearnerWorker:
         self.pack_buffers = None
         import ray
 
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "started_at": started_at,
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
                 "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local,
                 "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
@@ -398,7 +399,7 @@ class LearnerWorker:
         states in a file of its own (DeepSpeed's client state is written by data-parallel rank 0 only)."""
         self.engine.save_checkpoint(path, tag="deepspeed", save_latest=False)
         torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+                    "cuda": self.accel.rng_state(),
                     "nonfinite_streak": self.nonfinite_streak}, f"{path}/rng_rank{self.rank}.pt")
 
     def list_files(self, path: str) -> dict[str, int]:
@@ -414,8 +415,7 @@ class LearnerWorker:
         state = torch.load(f"{path}/rng_rank{self.rank}.pt", weights_only=False)
         random.setstate(state["python"])
         torch.set_rng_state(state["torch"])
-        if state["cuda"] is not None:
-            torch.cuda.set_rng_state(state["cuda"])
+        self.accel.set_rng_state(state["cuda"])
         self.nonfinite_streak = state["nonfinite_streak"]
 
     def export_hf(self, path: str) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from core.reap import process_tree
 from core.types import Sample
 
 WORKER_EXTENSION = "rollout.worker_extension.WeightReceiver"
@@ -67,16 +68,16 @@ class RolloutEngine:
         skip_logprob_token_text()
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
+        self.ready_at = time.time()
         self.max_model_len = max_model_len
         self.overlong_prompt = overlong_prompt
         self.version = 0
         self.index = engine_index
 
     def info(self) -> dict:
-        import ray
-
+        """Who this engine is, and its process tree (TP workers included) for `core.reap.kill_trees`."""
         return {"index": self.index, "version": self.version, "max_model_len": self.max_model_len,
-                "start_seconds": self.start_seconds, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+                "start_seconds": self.start_seconds, "ready_at": self.ready_at, **process_tree()}
 
     def _fit(self, ids: list[int], max_tokens: int) -> list[int] | None:
         """The prompt as it will be sent, or None when it is dropped (see rollout.overlong_prompt)."""

@@ -18,6 +18,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.balance import split_balanced
+from core.reap import kill_trees
 from core.types import Sample
 from core.waits import Timeouts, settle, wait_all
 from rollout.engine import RolloutEngine, engine_env
@@ -122,9 +123,11 @@ class EngineGroup:
                     f"{record['cause']} during {phase}, and the run's engine restart budget is spent "
                     f"(rollout.max_restarts={self.cfg.max_restarts}); earlier restarts:{earlier}")
             log.warning(f"{record['cause']} during {phase}: replacing it in its placement-group bundle")
-            ray.kill(self.engines[i], no_restart=True)
-            self.engines[i] = self._spawn(i)
             self.restarts.append(record)
+        # The failed engines and their TP workers are gone (their GPU memory free) before anything new starts.
+        kill_trees([(self.engines[i], self.infos[i]) for i in failed], self.timeouts.start_s)
+        for i in failed:
+            self.engines[i] = self._spawn(i)
         infos = wait_all([self.engines[i].info.remote() for i in failed], [f"replacement engine {i}" for i in failed],
                          "engine restart", self.timeouts.start_s)
         for i, info in zip(failed, infos):
@@ -155,6 +158,5 @@ class EngineGroup:
 
     def shutdown(self) -> None:
         self.closed = True
-        for e in self.engines:
-            ray.kill(e)
+        kill_trees(list(zip(self.engines, self.infos)), 30.0)
         self.engines = []

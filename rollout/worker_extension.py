@@ -13,10 +13,11 @@ directly, with no copy (`alias_weights`). On GPU nothing is packed or aliased, a
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
-from core import weight_sync
+from core import accel, weight_sync
 
 
 def _keep_plain_cpu_weights() -> None:
@@ -159,31 +160,42 @@ class WeightReceiver:
         wire, loading (copies into the weights), and repacking (CPU only)."""
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        start = time.perf_counter()
-        seconds = {"wait_seconds": 0.0, "load_seconds": 0.0, "repack_seconds": 0.0}
-        mark = start
-
-        def lap(key: str) -> None:
-            nonlocal mark
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # time the work, not the kernel launches
-            now = time.perf_counter()
-            seconds[key] += now - mark
-            mark = now
-
         model = self.model_runner.get_model()
-        loaded: set[str] = set()
-        for k, tensors in weight_sync.receive_buckets(self._rlvr_group, self._rlvr_plan, self.device,
-                                                      expect_version=version, buffers=self._rlvr_buffers):
-            lap("wait_seconds")
-            loaded |= model.load_weights([(n, t) for n, t in tensors if n not in self._rlvr_aliased])
-            loaded |= {self._rlvr_aliased[n] for n, _ in tensors if n in self._rlvr_aliased}
-            lap("load_seconds")
+
+        def load(tensors: list[tuple[str, torch.Tensor]]) -> set[str]:
+            return (model.load_weights([(n, t) for n, t in tensors if n not in self._rlvr_aliased])
+                    | {self._rlvr_aliased[n] for n, _ in tensors if n in self._rlvr_aliased})
+
+        def repack(k: int) -> None:
             for module in self._rlvr_schedule[k]:
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            lap("repack_seconds")
+
+        loaded, seconds = receive_and_load(self._rlvr_group, self._rlvr_plan, self.device, version,
+                                           self._rlvr_buffers, load, repack, accel.for_device(self.device))
         missing = self._rlvr_params - loaded
         if missing:
             raise RuntimeError(f"weight sync v{version} left {len(missing)} engine parameters unloaded, e.g. "
                                f"{sorted(missing)[:3]}: the learner's parameter names do not cover this model")
-        return {"seconds": time.perf_counter() - start, **seconds}
+        return seconds
+
+
+def receive_and_load(group, plan: list[weight_sync.Bucket], device, version: int, buffers: list[torch.Tensor],
+                     load: Callable[[list[tuple[str, torch.Tensor]]], set[str]], repack: Callable[[int], None],
+                     acc: accel.Cpu) -> tuple[set[str], dict[str, float]]:
+    """Receive every bucket of `version` and hand each to `load` (then `repack(k)`) as it arrives, while the next
+    bucket is already on the wire. Returns the loaded names and seconds per phase.
+
+    The timing laps wait for the current stream only (`accel.Mark`): bucket k+1's broadcast runs on the
+    communication stream meanwhile, and its only wait is the group's bounded `work.wait`. A device-wide
+    synchronize here would wait for k+1 too, with no timeout: on a lost peer the receiver would hang instead of
+    raising, and no load would ever overlap the wire."""
+    start = time.perf_counter()
+    laps = accel.Laps(acc, ("wait_seconds", "load_seconds", "repack_seconds"))
+    loaded: set[str] = set()
+    for k, tensors in weight_sync.receive_buckets(group, plan, device, expect_version=version, buffers=buffers):
+        laps.lap("wait_seconds")
+        loaded |= load(tensors)
+        laps.lap("load_seconds")
+        repack(k)
+        laps.lap("repack_seconds")
+    return loaded, {"seconds": time.perf_counter() - start, **laps.seconds}

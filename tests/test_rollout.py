@@ -251,6 +251,59 @@ def test_round_trip_is_bit_identical():
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
 
 
+def test_receiver_loads_each_bucket_while_the_next_is_on_the_wire():
+    """The engines' receive loop (`receive_and_load`, what every GPU and CPU worker runs) loads bucket k while
+    k+1 is on the wire, and its timing waits for the compute stream only. Here the sender holds bucket 1 back until
+    the receiver has loaded bucket 0: a loop that waited for the next bucket before loading (as a device-wide
+    synchronize in the timing did on GPU: it waits for NCCL's stream too) ends in the group's timeout instead. The
+    accelerator twin refuses a device-wide synchronize outright."""
+    from core import accel
+    from rollout.worker_extension import receive_and_load
+
+    class StrictCpu(accel.Cpu):
+        marks = 0
+
+        def mark(self):
+            StrictCpu.marks += 1
+            return super().mark()
+
+        def synchronize(self):
+            raise AssertionError("device-wide synchronize in the receive loop: it waits for the broadcast in flight")
+
+    tensors = {f"w{i}": torch.full((16,), float(i)) for i in range(3)}
+    plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 64)
+    assert len(plan) == 3
+    sender, receiver = _pair(timeout=10)
+    loaded_first = threading.Event()
+    events: list[str] = []
+
+    def buckets():
+        for k, b in enumerate(plan):
+            if k == 1:
+                assert loaded_first.wait(20), "bucket 0 was not loaded while bucket 1 was held back"
+            events.append(f"send {k}")
+            yield weight_sync.pack(b, tensors, "cpu")
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("bytes", weight_sync.send(sender, plan, 7, buckets(), "cpu")))
+    t.start()
+    got = {}
+
+    def load(named):
+        events.append(f"load {named[0][0]}")
+        got.update((n, v.clone()) for n, v in named)
+        loaded_first.set()
+        return {n for n, _ in named}
+
+    loaded, seconds = receive_and_load(receiver, plan, "cpu", 7, None, load, lambda k: events.append(f"repack {k}"),
+                                       StrictCpu())
+    t.join(timeout=30)
+    assert out.get("bytes") == sum(b.nbytes for b in plan)
+    assert loaded == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert events.index("load w0") < events.index("send 1")  # loaded while the next bucket was not yet sent
+    assert StrictCpu.marks == 3 * len(plan) and seconds["seconds"] >= seconds["wait_seconds"] > 0
+
+
 def test_plan_mismatch_is_caught():
     tensors = {"w": torch.ones(15)}
     plan = weight_sync.plan_buckets([("w", torch.float32, (15,))], 64)
