@@ -1,5 +1,6 @@
 """GPU benchmark, one run (scripts/gpu_kit.sh runs it on the GPU machine; figures as ratios where there is a
-baseline):
+baseline). CI runs it with `--device cpu` at tiny sizes (tests/test_bench.py): the same functions on gloo, so a
+renamed helper fails CI, not a GPU sitting.
 
 1. generation tokens/s through `EngineGroup` (one bf16 engine with CUDA graphs in a Ray actor) ÷ raw
    `vllm.LLM.generate` in a plain process with the same settings, SmolLM2-135M-Instruct, 32 prompts × n=16 × 256;
@@ -9,8 +10,9 @@ baseline):
 3. learner training tokens/s and MFU: DeepSpeed ZeRO-2 bf16, one rank, the Qwen2.5-0.5B-shaped model, 32 samples of
    128 + 256 tokens; MFU = 6 · parameters · tokens/s ÷ the GPU's dense bf16 peak.
 
-    python bench/gpu.py
+    python bench/gpu.py [--device cuda|cpu]     (default: cuda when there is a GPU)
 """
+import argparse
 import json
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import common
 import ray
 import torch
 
-from core import weight_sync
+from core import accel, weight_sync
 from core.models import _atomic_build, cache_dir, resolve_model
 from core.types import TrainSample
 from launch.config import GRPOConfig, LearnerConfig, RolloutConfig
@@ -29,15 +31,24 @@ from rollout.group import EngineGroup
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 UTIL = 0.3
+# What each device runs: the figures of the docstring on cuda; on cpu the same calls at sizes 2 cores finish in a
+# minute (the tiny built-in Qwen2 for every part).
+SIZES = {"cuda": dict(prompts=32, n=16, max_tokens=256, batch=32, prompt_len=128, completion_len=256, micro=8,
+                      bucket_mb=256, syncs=5),
+         "cpu": dict(prompts=4, n=4, max_tokens=32, batch=8, prompt_len=32, completion_len=32, micro=4,
+                     bucket_mb=1, syncs=3)}
+KV_GB = 0.1  # CPU engines: an explicit KV cache
 RAW = r"""
 import json, os, sys, time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 a = json.loads(sys.argv[1])
-llm = LLM(model=a["model"], dtype="bfloat16", gpu_memory_utilization=a["util"], seed=0, max_model_len=1024,
-          distributed_executor_backend="uni", logprobs_mode="processed_logprobs", enable_prefix_caching=True)
-sp = SamplingParams(n=16, temperature=1.0, max_tokens=256, logprobs=0)
+memory = (dict(gpu_memory_utilization=a["util"]) if a["device"] == "cuda" else
+          dict(kv_cache_memory_bytes=int(a["kv_gb"] * (1 << 30)), enforce_eager=True))
+llm = LLM(model=a["model"], dtype="bfloat16", seed=0, max_model_len=1024, distributed_executor_backend="uni",
+          logprobs_mode="processed_logprobs", enable_prefix_caching=True, **memory)
+sp = SamplingParams(n=a["n"], temperature=1.0, max_tokens=a["max_tokens"], logprobs=0)
 prompts = [TokensPrompt(prompt_token_ids=p) for p in a["prompts"]]
 llm.generate(prompts, sp, use_tqdm=False)
 t = time.perf_counter()
@@ -61,74 +72,92 @@ def qwen25_05b_shaped() -> str:
     return str(_atomic_build(cache_dir() / "bench-qwen2.5-0.5b-shape", build))
 
 
-def generation_ratio(model: str) -> None:
-    prompts = [list(range(100 + i, 164 + i)) for i in range(32)]
-    raw_run = subprocess.run([sys.executable, "-c", RAW, json.dumps(dict(model=model, util=UTIL, prompts=prompts))],
-                             capture_output=True, text=True)
-    raw = float(next(line.split()[1] for line in raw_run.stdout.splitlines() if line.startswith("RAW")))
-    engines = EngineGroup(model, "cuda", RolloutConfig(num_engines=1, gpu_memory_utilization=UTIL),
-                          max_model_len=1024, dtype="bfloat16").ready()
-    sampling = dict(temperature=1.0, max_tokens=256)
-    engines.generate(prompts, 16, **sampling)  # warm-up
+def engine_group(model: str, device: str) -> EngineGroup:
+    return EngineGroup(model, device, RolloutConfig(num_engines=1, gpu_memory_utilization=UTIL, cpu_kv_cache_gb=KV_GB),
+                       max_model_len=1024, dtype="bfloat16")
+
+
+def generation_ratio(model: str, device: str, size: dict) -> None:
+    prompts = [list(range(100 + i, 164 + i)) for i in range(size["prompts"])]
+    args = dict(model=model, device=device, util=UTIL, kv_gb=KV_GB, prompts=prompts, n=size["n"],
+                max_tokens=size["max_tokens"])
+    raw_run = subprocess.run([sys.executable, "-c", RAW, json.dumps(args)], capture_output=True, text=True)
+    lines = [line for line in raw_run.stdout.splitlines() if line.startswith("RAW")]
+    if raw_run.returncode or not lines:
+        raise RuntimeError(f"raw vLLM run failed (exit {raw_run.returncode}):\n{raw_run.stderr[-3000:]}")
+    raw = float(lines[0].split()[1])
+    engines = engine_group(model, device).ready()
+    sampling = dict(temperature=1.0, max_tokens=size["max_tokens"])
+    engines.generate(prompts, size["n"], **sampling)  # warm-up
     t = time.perf_counter()
-    groups = engines.generate(prompts, 16, **sampling)
+    groups = engines.generate(prompts, size["n"], **sampling)
     ours = sum(len(s.completion_ids) for g in groups for s in g) / (time.perf_counter() - t)
     engines.shutdown()
-    print(f"generation, SmolLM2-135M bf16, 32 prompts × n=16 × ≤256 tokens: raw vLLM {raw:.0f} tok/s, EngineGroup "
-          f"{ours:.0f} tok/s, ratio {ours / raw:.3f} (target >= 0.95)")
+    print(f"generation, bf16, {size['prompts']} prompts × n={size['n']} × ≤{size['max_tokens']} tokens: raw vLLM "
+          f"{raw:.0f} tok/s, EngineGroup {ours:.0f} tok/s, ratio {ours / raw:.3f} (target >= 0.95)")
 
 
-def sync_seconds(model: str, gpus: int) -> None:
-    engines = EngineGroup(model, "cuda", RolloutConfig(num_engines=1, gpu_memory_utilization=UTIL),
-                          max_model_len=1024, dtype="bfloat16")
-    times, inner = [], []
-    if gpus >= 2:
-        learner = LearnerGroup(model, "cuda", LearnerConfig(num_workers=1, bucket_mb=256), GRPOConfig(),
-                               total_steps=10, dtype="bfloat16")
-        engines.ready(), learner.ready()
-        plan = learner.weight_plan()
-        host, port = learner.sender_address()
-        ray.get(learner.open_weight_group("nccl", host, port, 2, 300) +
-                engines.open_weight_group("nccl", host, port, 2, 300, plan))
-        for version in range(1, 6):
-            t = time.perf_counter()
-            out = ray.get(learner.broadcast_weights(version) + engines.receive_weights(version))
-            times.append(time.perf_counter() - t)
-            inner.append(out[1])
-        learner.shutdown()
-        how = "learner rank 0 → engine over NCCL"
-    else:
-        from transformers import AutoModelForCausalLM
-
-        engines.ready()
-        named = {k: v.data for k, v in AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).named_parameters()}
-        plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in named.items()], 256 << 20)
-        host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
-        group = common.open_beside(engines.open_weight_group("gloo", host, port, 2, 300, plan), host, port, 2, 0)
-        buffers = weight_sync.PackBuffers(plan, "cpu")
-        for version in range(1, 6):
-            t = time.perf_counter()
-            refs = engines.receive_weights(version)
-            weight_sync.send(group, plan, version, (weight_sync.pack(b, named, "cpu", out=buffers.next(b))
-                                                    for b in plan), "cpu")
-            inner.append(ray.get(refs)[0])
-            times.append(time.perf_counter() - t)
-        how = "this process (CPU) → engine over gloo: one GPU, so no NCCL"
-    engines.shutdown()
+def sync_report(how: str, plan: list, times: list[float], inner: list[dict]) -> None:
     best = min(range(1, len(times)), key=times.__getitem__)
     nbytes = sum(b.nbytes for b in plan)
-    print(f"weight sync, Qwen2.5-0.5B shape ({nbytes / 1e9:.2f} GB bf16, {len(plan)} buckets), {how}: per sync "
+    print(f"weight sync ({nbytes / 1e9:.3f} GB bf16, {len(plan)} buckets), {how}: per sync "
           f"{' '.join(f'{t:.3f}' for t in times)} s; best after the first {times[best]:.3f} s "
-          f"({nbytes / times[best] / 1e9:.1f} GB/s); engine side {json.dumps(inner[best])}")
+          f"({nbytes / times[best] / 1e9:.2f} GB/s); engine side {json.dumps(inner[best])}")
 
 
-def learner_mfu(model: str) -> None:
+def sync_from_learner(model: str, device: str, size: dict) -> None:
+    """Learner rank 0 → a live engine on the device's backend (NCCL: needs 2 GPUs)."""
+    backend = weight_sync.BACKEND_FOR_DEVICE[device]
+    engines = engine_group(model, device)
+    learner = LearnerGroup(model, device, LearnerConfig(num_workers=1, bucket_mb=size["bucket_mb"]), GRPOConfig(),
+                           total_steps=10, dtype="bfloat16")
+    engines.ready(), learner.ready()
+    plan = learner.weight_plan()
+    host, port = learner.sender_address()
+    ray.get(learner.open_weight_group(backend, host, port, 2, 300) +
+            engines.open_weight_group(backend, host, port, 2, 300, plan))
+    times, inner = [], []
+    for version in range(1, size["syncs"] + 1):
+        t = time.perf_counter()
+        out = ray.get(learner.broadcast_weights(version) + engines.receive_weights(version))
+        times.append(time.perf_counter() - t)
+        inner.append(out[1])
+    learner.shutdown(), engines.shutdown()
+    sync_report(f"learner rank 0 → engine over {backend}", plan, times, inner)
+
+
+def sync_from_here(model: str, device: str, size: dict) -> None:
+    """This process (CPU) → a live engine over gloo: what one GPU allows (NCCL refuses two ranks on one GPU). It
+    measures the engine's receiving and loading, not NCCL."""
+    from transformers import AutoModelForCausalLM
+
+    engines = engine_group(model, device).ready()
+    named = {k: v.data for k, v in AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).named_parameters()}
+    plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in named.items()], size["bucket_mb"] << 20)
+    host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
+    group = common.open_beside(engines.open_weight_group("gloo", host, port, 2, 300, plan), host, port, 2, 0)
+    buffers = weight_sync.RotatingBuffers(plan, "cpu")
+    times, inner = [], []
+    for version in range(1, size["syncs"] + 1):
+        t = time.perf_counter()
+        refs = engines.receive_weights(version)
+        weight_sync.send(group, plan, version, (weight_sync.pack(b, named, "cpu", out=buffers.next(b))
+                                                for b in plan), "cpu")
+        inner.append(ray.get(refs)[0])
+        times.append(time.perf_counter() - t)
+    weight_sync.close_group(group)
+    engines.shutdown()
+    sync_report("this process (CPU) → engine over gloo", plan, times, inner)
+
+
+def learner_mfu(model: str, device: str, size: dict) -> None:
     g = torch.Generator().manual_seed(0)
-    batch = [TrainSample(torch.randint(3, 500, (128,), generator=g).tolist(),
-                         torch.randint(3, 500, (256,), generator=g).tolist(), [-1.0] * 256,
-                         float(torch.randn(1, generator=g))) for _ in range(32)]
-    learner = LearnerGroup(model, "cuda", LearnerConfig(num_workers=1, micro_batch_size=8, lr=1e-6), GRPOConfig(),
-                           total_steps=10, dtype="bfloat16").ready()
+    p, c, b = size["prompt_len"], size["completion_len"], size["batch"]
+    batch = [TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
+                         torch.randint(3, 500, (c,), generator=g).tolist(),
+                         [-1.0] * c, float(torch.randn(1, generator=g))) for _ in range(b)]
+    learner = LearnerGroup(model, device, LearnerConfig(num_workers=1, micro_batch_size=size["micro"], lr=1e-6),
+                           GRPOConfig(), total_steps=10, dtype="bfloat16").ready()
     learner.train_step(batch, 1.0)
     seconds = []
     for _ in range(3):
@@ -137,28 +166,41 @@ def learner_mfu(model: str) -> None:
         seconds.append(time.perf_counter() - t)
     params = learner.infos[0]["params"]
     learner.shutdown()
-    tokens = 32 * (128 + 256) / min(seconds)
+    tokens = b * (p + c) / min(seconds)
     flops = 6 * params * tokens
-    name = torch.cuda.get_device_name(0)
+    name = accel.for_device(device).device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = f"MFU {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this GPU"
-    print(f"learner, Qwen2.5-0.5B shape ({params / 1e6:.0f}M params), ZeRO-2 bf16, 1 rank on {name}: "
-          f"{tokens:.0f} tokens/s through forward+backward ({32 * 256 / min(seconds):.0f} completion tokens/s), "
-          f"6·N·tokens/s = {flops / 1e12:.1f} TFLOP/s, {mfu}")
+    mfu = f"MFU {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this device"
+    print(f"learner ({params / 1e6:.1f}M params), ZeRO-2 bf16, 1 rank on {name}: {tokens:.0f} tokens/s through "
+          f"forward+backward ({b * c / min(seconds):.0f} completion tokens/s), 6·N·tokens/s = {flops / 1e12:.3f} "
+          f"TFLOP/s, {mfu}")
 
 
-def main() -> None:
-    gpus = torch.cuda.device_count()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    device = parser.parse_args(argv).device
+    size = SIZES[device]
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
     ray.cloudpickle.register_pickle_by_value(common)
     import vllm
 
-    print(f"bench/gpu.py: {gpus} × {torch.cuda.get_device_name(0)}, torch {torch.__version__}, vllm {vllm.__version__}")
-    generation_ratio(resolve_model("builtin:smollm2-135m-instruct"))
-    shaped = qwen25_05b_shaped()
-    sync_seconds(shaped, gpus)
-    learner_mfu(shaped)
+    where = f"{gpus} × " if gpus else ""
+    print(f"bench/gpu.py --device {device}: {where}{accel.for_device(device).device_name()}, "
+          f"torch {torch.__version__}, vllm {vllm.__version__}", flush=True)
+    if device == "cuda":
+        generation_ratio(resolve_model("builtin:smollm2-135m-instruct"), device, size)
+        shaped = qwen25_05b_shaped()
+    else:
+        shaped = resolve_model("builtin:tiny-qwen2")
+        generation_ratio(shaped, device, size)
+    if device == "cpu" or gpus >= 2:
+        sync_from_learner(shaped, device, size)
+    if device == "cpu" or gpus == 1:
+        sync_from_here(shaped, device, size)
+    learner_mfu(shaped, device, size)
     ray.shutdown()
 
 

@@ -45,10 +45,14 @@ def _alive(tree: list) -> list:
     return procs
 
 
-def kill_and_wait(tree: list, timeout_s: float) -> list[int]:
-    """SIGKILL every process of `tree` that is still the one recorded (a stopped one too: SIGKILL needs no
-    cooperation), and wait until all are gone. Returns the pids still there after `timeout_s` (e.g. a process in
-    an uninterruptible driver call, which exits when the call returns)."""
+def kill_and_wait(tree: list, timeout_s: float, grace_s: float = 3.0) -> list[int]:
+    """Give `tree` `grace_s` to go by itself (a healthy actor that `ray.kill` reached exits with its children), then
+    SIGKILL every process of it that is still the one recorded (a stopped one too: SIGKILL needs no cooperation),
+    and wait until all are gone. Returns the pids still there after `timeout_s` (e.g. a process in an
+    uninterruptible driver call, which exits when the call returns)."""
+    deadline = time.monotonic() + grace_s
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for p in _alive(tree):
         try:
             os.kill(p.pid, signal.SIGKILL)

@@ -42,3 +42,15 @@ class TrainShard:
     micro_batches: list[int]  # forward/backward passes every rank makes per minibatch (padded with empty ones)
     temperature: float = 1.0
     max_tokens: int = 0  # rollout.max_tokens: the per-sequence constant of the token_sum_norm loss
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each phase may take (the defaults of the config's `timeouts:` section)."""
+
+    start_s: float = 900.0  # actors starting: model load, vLLM start, DeepSpeed init
+    generate_s: float = 1200.0  # one rollout batch on the engines
+    train_s: float = 1800.0  # one train step on the learner ranks (also their collectives' timeout)
+    broadcast_s: float = 600.0  # one weight sync, and the weight group's rendezvous
+    eval_s: float = 1800.0  # one evaluation pass
+    checkpoint_s: float = 1800.0  # one checkpoint save or load

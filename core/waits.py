@@ -15,19 +15,9 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from core.types import Timeouts  # noqa: F401 - where callers have found it
+
 DEAD = (RayActorError, ActorUnavailableError)  # RayActorError is the parent of ActorDiedError
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds each phase may take (the defaults of the config's `timeouts:` section)."""
-
-    start_s: float = 900.0  # actors starting: model load, vLLM start, DeepSpeed init
-    generate_s: float = 1200.0  # one rollout batch on the engines
-    train_s: float = 1800.0  # one train step on the learner ranks (also their collectives' timeout)
-    broadcast_s: float = 600.0  # one weight sync, and the weight group's rendezvous
-    eval_s: float = 1800.0  # one evaluation pass
-    checkpoint_s: float = 1800.0  # one checkpoint save or load
 
 
 class ActorFault(RuntimeError):

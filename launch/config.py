@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.waits import Timeouts
+from core.types import Timeouts
 
 REFERENCE_PROMPT = (
     "Assistant solves the user's question step by step before answering. "

@@ -51,14 +51,22 @@ def worker_env(device: str, threads: int) -> dict[str, str]:
     return env
 
 
+def node_address() -> str:
+    """This node's address in the Ray cluster; 127.0.0.1 in a plain process (scripts/gpu_check.py runs the learner
+    without Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
 
     def address(self) -> tuple[str, int]:
-        import ray
-
-        host = ray.util.get_node_ip_address()
+        host = node_address()
         return host, weight_sync.free_port(host)
 
     def setup(self, master: tuple[str, int], model_path: str, device: str, cfg: dict, grpo_cfg: dict,
@@ -144,9 +152,7 @@ class LearnerWorker:
         self.weight_group = None
         self.plan = None
         self.pack_buffers = None
-        import ray
-
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "started_at": started_at,
+        return {"rank": self.rank, "pid": os.getpid(), "node": node_address(), "started_at": started_at,
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
                 "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local,
                 "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
@@ -238,6 +244,7 @@ class LearnerWorker:
                  ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, mismatch_tokens=0.0,
                  mismatch_kl_sum=0.0, is_capped_tokens=0.0, nonfinite_microbatches=0, skipped_steps=0, steps=0)
         start = time.perf_counter()
+        self.accel.reset_peak_memory()
         lr = self.engine.get_lr()[0]  # the LR this batch's first step uses (step() advances the schedule)
         self.engine.train()
         # Old logprobs. With one minibatch the policy before the update is the one of the first forward, so the
@@ -313,7 +320,7 @@ class LearnerWorker:
             self.nonfinite_streak = 0
         norm = self.engine.get_global_grad_norm() if m["steps"] else None
         m.update(grad_norm=float(norm) if norm is not None else float("nan"), lr=lr,
-                 train_seconds=time.perf_counter() - start)
+                 train_seconds=time.perf_counter() - start, peak_memory_bytes=self.accel.peak_memory_bytes())
         return m
 
     # ---- weights out -------------------------------------------------------------------------------------------

@@ -180,14 +180,16 @@ def report(manifest: dict, seconds: float) -> None:
         big = sorted(files, key=lambda f: -f["bytes"])[:6]
         print(f"  {name}: {len(files)} files, {mib(sum(f['bytes'] for f in files)):.0f} MiB in {len(parts)} part(s); "
               f"largest: " + ", ".join(f"{f['name'].split('-')[0]} {mib(f['bytes']):.0f}" for f in big))
-    print("\nOn the GPU machine, device calls one after another (it keeps files only while busy: no pause over 30 s):")
+    print("\nOn the GPU machine, after tier 1 (docs/gpu.md), device calls one after another (it keeps files only "
+          "while busy: no pause over 30 s):")
     for part in manifest["parts"]:
         flag = "   # only if `run install` names a missing module" if part["set"] == "extra" else ""
         print(f'  run(command="bash scripts/gpu_kit.sh receive {part["name"]}", '
               f'carry=["gpu_kit/manifest.json", "gpu_kit/{part["name"]}"]){flag}')
-    for stage, limit in (("install", 300), ("tests", 600), ("job", 600), ("bench", 600)):
-        print(f'  run(command="bash scripts/gpu_kit.sh run {stage}", timeout_s={limit})')
-    print("Each `run` returns gpu_kit_results.txt under files_at: the results so far.")
+    print('  run(command="bash scripts/gpu_kit.sh run install", timeout_s=300)')
+    print('  run(command="bash scripts/gpu_check.sh tier2 --stages tests", timeout_s=600)')
+    print('  run(command="bash scripts/gpu_check.sh tier2 --stages job,bench", timeout_s=600)   # if time is left')
+    print("Each returns $OUT/gpu_check.json (tier 2) or gpu_kit_results.txt (install) under files_at.")
 
 
 # ---- on the GPU machine ---------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def results(title: str, text: str) -> None:
 def run_logged(title: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> int:
     start = time.time()
     try:
-        out = subprocess.run(cmd, cwd=cwd or HOME / "repo", env=kit_env(), text=True, timeout=timeout,
+        out = subprocess.run(cmd, cwd=cwd or ROOT, env=kit_env(), text=True, timeout=timeout,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         code, text = out.returncode, out.stdout
     except subprocess.TimeoutExpired as err:
@@ -228,7 +230,8 @@ def run_logged(title: str, cmd: list[str], timeout: float, cwd: Path | None = No
 
 
 def kit_env() -> dict:
-    path = [str(HOME / "repo"), str(HOME / "site"), os.environ.get("PYTHONPATH", "")]
+    # the working tree that each device call carries (the kit's repo copy is the commit it was prepared at)
+    path = [str(ROOT), str(HOME / "site"), os.environ.get("PYTHONPATH", "")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), PYTHONUNBUFFERED="1",
                 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
                 RLVR_CACHE=str(HOME / "cache"))

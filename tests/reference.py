@@ -59,3 +59,18 @@ def reference_step(model_path: str, samples: list[TrainSample], device: str = "c
 
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
+
+
+def step_agreement(start: dict, ref_weights: dict, weights: dict) -> tuple[int, int]:
+    """(weights that stepped the reference's way, weights whose reference step is not at rounding level).
+
+    Adam's first step moves every weight by about lr·sign(gradient), so a correct bf16 step moves (nearly) every
+    weight the way the fp32 reference does; bf16 can flip a sign only where the gradient is at rounding level."""
+    agree, moved = 0, 0
+    for k, ref in ref_weights.items():
+        step_ref = ref - start[k]
+        step = weights[k].float() - start[k].to(weights[k].dtype).float()
+        big = step_ref.abs() > LR / 2
+        agree += int((torch.sign(step[big]) == torch.sign(step_ref[big])).sum())
+        moved += int(big.sum())
+    return agree, moved

@@ -26,7 +26,7 @@ from core import weight_sync
 from core.types import TrainSample
 from launch.config import GRPOConfig, LearnerConfig, RolloutConfig, load_config
 from learner.group import LearnerGroup
-from reference import CLIP, LR, T, load, make_batch, reference_step, state
+from reference import CLIP, LR, T, load, make_batch, reference_step, state, step_agreement
 from rollout.group import EngineGroup
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -262,26 +262,16 @@ def learner(request, ray_local, tiny_model):
 
 
 def test_bf16_zero_step_against_fp32_reference(learner, tiny_model):
-    """DeepSpeed bf16 autocast with fp32 master weights, against plain fp32 torch.
-
-    Adam's first step moves every weight by about lr·sign(gradient), so a correct bf16 step moves (nearly) every
-    weight the way the fp32 reference does; bf16 can flip a sign only where the gradient is at rounding level. A
-    step with a wrong loss, wrong scaling or no update fails the sign agreement and the loss and norm checks.
-    """
+    """DeepSpeed bf16 autocast with fp32 master weights, against plain fp32 torch: the loss, the gradient norm,
+    and the direction of every weight's first Adam step (`step_agreement`). A step with a wrong loss, wrong
+    scaling or no update fails them."""
     samples = make_batch(0, n=8)
     ref_loss, ref_norm, ref_weights = reference_step(tiny_model, samples, DEVICE)
     m = learner.train_step(samples, T)
     weights = learner.full_state_dict()
-    start = state(load(tiny_model))
     assert m["optimizer_steps"] == 1 and m["loss"] == pytest.approx(ref_loss, rel=0.02, abs=1e-3)
     assert m["grad_norm"] == pytest.approx(ref_norm, rel=0.05)
-    agree, moved = 0, 0
-    for k, ref in ref_weights.items():
-        step_ref = ref - start[k]
-        step = weights[k].float() - start[k].to(weights[k].dtype).float()
-        big = step_ref.abs() > LR / 2  # weights whose reference step is not at rounding level
-        agree += int((torch.sign(step[big]) == torch.sign(step_ref[big])).sum())
-        moved += int(big.sum())
+    agree, moved = step_agreement(state(load(tiny_model)), ref_weights, weights)
     assert moved > 1000 and agree / moved > 0.97, f"{agree}/{moved} weights stepped the reference's way"
 
 

@@ -273,11 +273,12 @@ def test_make_shards_never_makes_an_empty_minibatch():
 
 def test_reduce_metrics_weights_by_tokens():
     base = dict(seqs=1, loss=0.0, kl_sum=0.0, ratio_max=1.0, ratio_min=1.0, grad_norm=0.5,
-                lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0)
+                lr=1e-6, steps=1, skipped_steps=0, nonfinite_microbatches=0, train_seconds=1.0,
+                peak_memory_bytes=2**30)
     a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25, mismatch_sum=0.5,
              mismatch_tokens=10, mismatch_kl_sum=0.002, is_capped_tokens=1)
-    b = dict(base, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0, loss=0.5, ratio_max=1.3,
-             mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006, is_capped_tokens=0)  # 10 of its tokens
+    b = dict(base, peak_memory_bytes=3 * 2**29, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0,
+             loss=0.5, ratio_max=1.3, mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006, is_capped_tokens=0)  # 10 of its tokens
     # had no pre-update logprob
     m = reduce_metrics([a, b])
     assert m["clip_frac"] == pytest.approx(0.1)
@@ -287,3 +288,4 @@ def test_reduce_metrics_weights_by_tokens():
     assert m["ratio_max"] == 1.3
     assert m["logprob_mismatch"] == pytest.approx(1.2 / 30)
     assert m["mismatch_kl"] == pytest.approx(0.008 / 40) and m["is_capped_frac"] == pytest.approx(1 / 40)
+    assert m["learner_peak_gib"] == 1.5  # the largest rank's
