@@ -151,7 +151,9 @@ def test_two_minibatches_recompute_old_logprobs_and_clip(ray_local, tiny_model):
         m = group.train_step(samples, T)
         assert m["optimizer_steps"] == 2
         assert m["ratio_max"] > 1.0 + 1e-4 or m["ratio_min"] < 1.0 - 1e-4  # the second step saw moved weights
-        assert max_diff(group.full_state_dict(), reference_two_minibatches(tiny_model, samples)) < 1e-5
+        # Two Adam steps amplify float noise where gradients are near zero (2.5e-5 seen with transformers 5.19);
+        # old logprobs taken from the current weights instead of the initial ones move the weights by 1.6e-3.
+        assert max_diff(group.full_state_dict(), reference_two_minibatches(tiny_model, samples)) < 1e-4
     finally:
         group.shutdown()
 
