@@ -77,7 +77,8 @@ def engine_group(model: str, device: str) -> EngineGroup:
                        max_model_len=1024, dtype="bfloat16")
 
 
-def generation_ratio(model: str, device: str, size: dict) -> None:
+def generation_ratio(model: str, device: str, size: dict, engines: EngineGroup) -> None:
+    """`engines` (one engine of `model`) against raw vLLM in a plain process with the same settings."""
     prompts = [list(range(100 + i, 164 + i)) for i in range(size["prompts"])]
     args = dict(model=model, device=device, util=UTIL, kv_gb=KV_GB, prompts=prompts, n=size["n"],
                 max_tokens=size["max_tokens"])
@@ -86,15 +87,13 @@ def generation_ratio(model: str, device: str, size: dict) -> None:
     if raw_run.returncode or not lines:
         raise RuntimeError(f"raw vLLM run failed (exit {raw_run.returncode}):\n{raw_run.stderr[-3000:]}")
     raw = float(lines[0].split()[1])
-    engines = engine_group(model, device).ready()
     sampling = dict(temperature=1.0, max_tokens=size["max_tokens"])
     engines.generate(prompts, size["n"], **sampling)  # warm-up
     t = time.perf_counter()
     groups = engines.generate(prompts, size["n"], **sampling)
     ours = sum(len(s.completion_ids) for g in groups for s in g) / (time.perf_counter() - t)
-    engines.shutdown()
     print(f"generation, bf16, {size['prompts']} prompts × n={size['n']} × ≤{size['max_tokens']} tokens: raw vLLM "
-          f"{raw:.0f} tok/s, EngineGroup {ours:.0f} tok/s, ratio {ours / raw:.3f} (target >= 0.95)")
+          f"{raw:.0f} tok/s, EngineGroup {ours:.0f} tok/s, ratio {ours / raw:.3f} (target >= 0.95)", flush=True)
 
 
 def sync_report(how: str, plan: list, times: list[float], inner: list[dict]) -> None:
@@ -102,16 +101,12 @@ def sync_report(how: str, plan: list, times: list[float], inner: list[dict]) -> 
     nbytes = sum(b.nbytes for b in plan)
     print(f"weight sync ({nbytes / 1e9:.3f} GB bf16, {len(plan)} buckets), {how}: per sync "
           f"{' '.join(f'{t:.3f}' for t in times)} s; best after the first {times[best]:.3f} s "
-          f"({nbytes / times[best] / 1e9:.2f} GB/s); engine side {json.dumps(inner[best])}")
+          f"({nbytes / times[best] / 1e9:.2f} GB/s); engine side {json.dumps(inner[best])}", flush=True)
 
 
-def sync_from_learner(model: str, device: str, size: dict) -> None:
+def sync_from_learner(engines: EngineGroup, learner: LearnerGroup, device: str, size: dict) -> None:
     """Learner rank 0 → a live engine on the device's backend (NCCL: needs 2 GPUs)."""
     backend = weight_sync.BACKEND_FOR_DEVICE[device]
-    engines = engine_group(model, device)
-    learner = LearnerGroup(model, device, LearnerConfig(num_workers=1, bucket_mb=size["bucket_mb"]), GRPOConfig(),
-                           total_steps=10, dtype="bfloat16")
-    engines.ready(), learner.ready()
     plan = learner.weight_plan()
     host, port = learner.sender_address()
     ray.get(learner.open_weight_group(backend, host, port, 2, 300) +
@@ -122,16 +117,15 @@ def sync_from_learner(model: str, device: str, size: dict) -> None:
         out = ray.get(learner.broadcast_weights(version) + engines.receive_weights(version))
         times.append(time.perf_counter() - t)
         inner.append(out[1])
-    learner.shutdown(), engines.shutdown()
+    ray.get(learner.close_weight_group() + engines.close_weight_group())
     sync_report(f"learner rank 0 → engine over {backend}", plan, times, inner)
 
 
-def sync_from_here(model: str, device: str, size: dict) -> None:
+def sync_from_here(model: str, engines: EngineGroup, size: dict) -> None:
     """This process (CPU) → a live engine over gloo: what one GPU allows (NCCL refuses two ranks on one GPU). It
     measures the engine's receiving and loading, not NCCL."""
     from transformers import AutoModelForCausalLM
 
-    engines = engine_group(model, device).ready()
     named = {k: v.data for k, v in AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).named_parameters()}
     plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in named.items()], size["bucket_mb"] << 20)
     host, port = "127.0.0.1", weight_sync.free_port("127.0.0.1")
@@ -140,40 +134,42 @@ def sync_from_here(model: str, device: str, size: dict) -> None:
     times, inner = [], []
     for version in range(1, size["syncs"] + 1):
         t = time.perf_counter()
-        refs = engines.receive_weights(version)
-        weight_sync.send(group, plan, version, (weight_sync.pack(b, named, "cpu", out=buffers.next(b))
-                                                for b in plan), "cpu")
+        refs = engines.receive_weights(100 + version)
+        weight_sync.send(group, plan, 100 + version, (weight_sync.pack(b, named, "cpu", out=buffers.next(b))
+                                                      for b in plan), "cpu")
         inner.append(ray.get(refs)[0])
         times.append(time.perf_counter() - t)
     weight_sync.close_group(group)
-    engines.shutdown()
+    ray.get(engines.close_weight_group())
     sync_report("this process (CPU) → engine over gloo", plan, times, inner)
 
 
-def learner_mfu(model: str, device: str, size: dict) -> None:
+def learner_group(model: str, device: str, size: dict) -> LearnerGroup:
+    cfg = LearnerConfig(num_workers=1, micro_batch_size=size["micro"], lr=1e-6, bucket_mb=size["bucket_mb"])
+    return LearnerGroup(model, device, cfg, GRPOConfig(), total_steps=10, dtype="bfloat16")
+
+
+def learner_mfu(learner: LearnerGroup, device: str, size: dict) -> None:
     g = torch.Generator().manual_seed(0)
     p, c, b = size["prompt_len"], size["completion_len"], size["batch"]
     batch = [TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
                          torch.randint(3, 500, (c,), generator=g).tolist(),
                          [-1.0] * c, float(torch.randn(1, generator=g))) for _ in range(b)]
-    learner = LearnerGroup(model, device, LearnerConfig(num_workers=1, micro_batch_size=size["micro"], lr=1e-6),
-                           GRPOConfig(), total_steps=10, dtype="bfloat16").ready()
     learner.train_step(batch, 1.0)
-    seconds = []
+    seconds, peak = [], 0.0
     for _ in range(3):
         t = time.perf_counter()
-        learner.train_step(batch, 1.0)
+        peak = learner.train_step(batch, 1.0)["learner_peak_gib"]
         seconds.append(time.perf_counter() - t)
     params = learner.infos[0]["params"]
-    learner.shutdown()
     tokens = b * (p + c) / min(seconds)
     flops = 6 * params * tokens
     name = accel.for_device(device).device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = f"MFU {flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this device"
+    peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    mfu = f"MFU {flops / peak_flops:.1%} of {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "no peak known"
     print(f"learner ({params / 1e6:.1f}M params), ZeRO-2 bf16, 1 rank on {name}: {tokens:.0f} tokens/s through "
           f"forward+backward ({b * c / min(seconds):.0f} completion tokens/s), 6·N·tokens/s = {flops / 1e12:.3f} "
-          f"TFLOP/s, {mfu}")
+          f"TFLOP/s, {mfu}; peak memory {peak:.2f} GiB", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,17 +186,26 @@ def main(argv: list[str] | None = None) -> None:
     where = f"{gpus} × " if gpus else ""
     print(f"bench/gpu.py --device {device}: {where}{accel.for_device(device).device_name()}, "
           f"torch {torch.__version__}, vllm {vllm.__version__}", flush=True)
+    # One engine and one learner serve every part that can share them (each start costs ~1 min on a GPU). On one
+    # GPU the learner starts after the engines are gone: each asks Ray for the whole GPU.
+    shaped = qwen25_05b_shaped() if device == "cuda" else resolve_model("builtin:tiny-qwen2")
+    learner = learner_group(shaped, device, size) if device == "cpu" or gpus >= 2 else None
     if device == "cuda":
-        generation_ratio(resolve_model("builtin:smollm2-135m-instruct"), device, size)
-        shaped = qwen25_05b_shaped()
-    else:
-        shaped = resolve_model("builtin:tiny-qwen2")
-        generation_ratio(shaped, device, size)
-    if device == "cpu" or gpus >= 2:
-        sync_from_learner(shaped, device, size)
+        smol = resolve_model("builtin:smollm2-135m-instruct")
+        generation = engine_group(smol, device).ready()
+        generation_ratio(smol, device, size, generation)
+        generation.shutdown()
+    engines = engine_group(shaped, device).ready()
+    if device == "cpu":
+        generation_ratio(shaped, device, size, engines)
+    if learner is not None:
+        sync_from_learner(engines, learner.ready(), device, size)
     if device == "cpu" or gpus == 1:
-        sync_from_here(shaped, device, size)
-    learner_mfu(shaped, device, size)
+        sync_from_here(shaped, engines, size)
+    engines.shutdown()
+    learner = (learner or learner_group(shaped, device, size)).ready()
+    learner_mfu(learner, device, size)
+    learner.shutdown()
     ray.shutdown()
 
 

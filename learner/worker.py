@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import importlib
 import math
 import os
 import pathlib
@@ -19,7 +18,7 @@ import time
 import torch
 
 from learner import grpo
-from core import accel, weight_sync
+from core import accel, patches, weight_sync
 from core.types import TrainSample, TrainShard
 
 
@@ -86,8 +85,7 @@ class LearnerWorker:
         self.device, self.cfg, self.grpo = device, cfg, grpo_cfg
         if device == "cpu":
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-            # The shared-memory op is a ~75 s JIT build that the gloo path does not need.
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+            patches.skip_deepspeed_shm_build()
         self.accel = accel.for_device(device)
         self.accel.set_device()  # CUDA: Ray exposes this rank's GPU as device 0
         deepspeed.init_distributed(dist_backend=weight_sync.BACKEND_FOR_DEVICE[device], verbose=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from core import patches
 from core.reap import process_tree
 from core.types import Sample
 
@@ -25,22 +26,6 @@ def engine_env(device: str, threads: int) -> dict[str, str]:
         # machine would put this CPU engine on GPU 0.
         env.update(OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
     return env
-
-
-def skip_logprob_token_text() -> None:
-    """vLLM decodes the text of every sampled token's logprob entry (`Logprob.decoded_token`), which nothing here
-    reads. On the tiny model of bench/small_work.py that decoding took 30-40% of generation time; the logprob values
-    and the completion text (decoded as before) do not change. Applied in the engine's process, before the engine
-    starts; a vLLM without this hook is left as it is."""
-    try:
-        from vllm.v1.engine.logprobs import LogprobsProcessor
-    except ImportError:
-        return
-    if getattr(LogprobsProcessor, "_rlvr_no_token_text", False):
-        return
-    original = LogprobsProcessor.from_new_request.__func__
-    LogprobsProcessor.from_new_request = classmethod(lambda cls, tokenizer, request: original(cls, None, request))
-    LogprobsProcessor._rlvr_no_token_text = True
 
 
 class RolloutEngine:
@@ -65,7 +50,7 @@ class RolloutEngine:
         else:
             kwargs.update(enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
         start = time.perf_counter()
-        skip_logprob_token_text()
+        patches.skip_logprob_token_text()
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
         self.ready_at = time.time()

