@@ -115,19 +115,21 @@ class EngineGroup:
         start = time.monotonic()
         if self.closed:
             raise RuntimeError(f"engines {sorted(failed)} failed during {phase} after the engine group was shut down")
-        for i, cause in failed.items():
-            record = {"engine": i, "phase": phase, "cause": f"{self.name(i)} {cause}", "start": start}
-            if len(self.restarts) >= self.max_restarts:
-                earlier = "".join(f"\n  {r['phase']}: {r['cause']}" for r in self.restarts) or " none"
-                raise EngineRestartsExhausted(
-                    f"{record['cause']} during {phase}, and the run's engine restart budget is spent "
-                    f"(rollout.max_restarts={self.cfg.max_restarts}); earlier restarts:{earlier}")
+        records = [{"engine": i, "phase": phase, "cause": f"{self.name(i)} {cause}", "start": start}
+                   for i, cause in failed.items()]
+        if len(self.restarts) + len(records) > self.max_restarts:
+            earlier = "".join(f"\n  {r['phase']}: {r['cause']}" for r in self.restarts) or " none"
+            raise EngineRestartsExhausted(
+                f"{'; '.join(r['cause'] for r in records)} during {phase}, and the run's engine restart budget is "
+                f"spent (rollout.max_restarts={self.cfg.max_restarts}); earlier restarts:{earlier}")
+        for record in records:
             log.warning(f"{record['cause']} during {phase}: replacing it in its placement-group bundle")
-            self.restarts.append(record)
+        self.restarts += records
         # The failed engines and their TP workers are gone (their GPU memory free) before anything new starts.
-        kill_trees([(self.engines[i], self.infos[i]) for i in failed], self.timeouts.start_s)
+        kill_trees([(self.engines[i], self.infos[i]) for i in failed])
         for i in failed:
             self.engines[i] = self._spawn(i)
+            self.infos[i] = {}  # until the replacement reports its own process tree
         infos = wait_all([self.engines[i].info.remote() for i in failed], [f"replacement engine {i}" for i in failed],
                          "engine restart", self.timeouts.start_s)
         for i, info in zip(failed, infos):
@@ -158,5 +160,5 @@ class EngineGroup:
 
     def shutdown(self) -> None:
         self.closed = True
-        kill_trees(list(zip(self.engines, self.infos)), 30.0)
+        kill_trees(list(zip(self.engines, self.infos)), 30.0)  # bounded: shutdown runs after failures too
         self.engines = []

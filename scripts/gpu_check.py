@@ -135,7 +135,8 @@ class Receiver:
 class Checks:
     """Named checks with their figures; a check that raises is a failure with its error, and the rest still run."""
 
-    def __init__(self, tier: str, device: str):
+    def __init__(self, tier: str, device: str, out: Path):
+        self.out = out
         self.report = {"tier": tier, "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": {}}
 
     def run(self, name: str, fn, *args) -> dict | None:
@@ -150,9 +151,11 @@ class Checks:
         entry["seconds"] = round(time.perf_counter() - start, 2)
         self.report["checks"][name] = entry
         print(f"[gpu_check] {name}: {entry}", flush=True)
+        self.write(quiet=True)  # after every check: a call cut off at its time limit still brings back what ran
         return entry
 
-    def write(self, out: Path) -> bool:
+    def write(self, quiet: bool = False) -> bool:
+        out = self.out
         checks = self.report["checks"].values()
         self.report["passed"] = sum(c["ok"] is True for c in checks)
         self.report["failed"] = sum(c["ok"] is False for c in checks)
@@ -162,8 +165,9 @@ class Checks:
         old = json.loads(path.read_text()) if path.exists() else {}
         old[self.report["tier"]] = self.report  # tier 1 and tier 2 of one sitting side by side
         path.write_text(json.dumps(old, indent=1))
-        print(f"[gpu_check] {self.report['tier']}: {self.report['passed']} passed, {self.report['failed']} failed, "
-              f"{self.report['skipped']} skipped → {path}", flush=True)
+        if not quiet:
+            print(f"[gpu_check] {self.report['tier']}: {self.report['passed']} passed, {self.report['failed']} failed, "
+                  f"{self.report['skipped']} skipped → {path}", flush=True)
         return self.report["failed"] == 0
 
 
@@ -188,6 +192,13 @@ def check_ws1_group(device: str) -> dict:
     return {"backend": backend, "syncs": syncs, "buckets": len(plan)}
 
 
+def gpu_env(index: int) -> dict:
+    """The environment that shows a process only this machine's GPU `index` (through any mask already set), as
+    device 0, as Ray does for an actor."""
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[index] if visible else str(index)}
+
+
 def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = "bfloat16") -> list[Proc]:
     """`ranks` LearnerWorker processes joined in one DeepSpeed group (CUDA: GPU r each, as device 0)."""
     from core import weight_sync
@@ -201,7 +212,7 @@ def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = 
     for r in range(ranks):
         env = worker_env(device, 1)
         if device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(r)
+            env.update(gpu_env(r))
         procs.append(Proc("learner.worker", "LearnerWorker", (r, ranks), env))
     master = ("127.0.0.1", weight_sync.free_port("127.0.0.1"))
     gather([p.call("setup", master, model, device, cfg.model_dump(), GRPOConfig().model_dump(), 10, dtype, 0, 300)
@@ -246,19 +257,18 @@ def check_zero_step(model: str, device: str, stage: int, ranks: int) -> dict:
 
 
 def check_weight_group(model: str, device: str, gpus: int) -> dict:
-    """Learner rank 0 → a plain-torch receiver on the device's backend: open, two syncs with a train step between
-    (plan and buffers reused), abort on both, reopen on a fresh port, a third sync; each sync's tensors are the
-    learner's (checksums)."""
+    """Learner rank 0 → a plain-torch receiver on the device's backend (gloo with one GPU): open, two syncs with a
+    train step between (plan and buffers reused), abort on both, reopen on a fresh port, a third sync; each sync's
+    tensors are the learner's (checksums)."""
     import torch
 
     from core import weight_sync
     from reference import T, make_batch
 
-    if device == "cuda" and gpus < 2:
-        return {"reason": f"needs 2 GPUs (NCCL refuses two ranks on one GPU); this machine has {gpus}"}
-    backend = weight_sync.BACKEND_FOR_DEVICE[device]
+    # NCCL refuses two ranks on one GPU: there, gloo carries the CUDA tensors (as scripts/one_gpu_job.py does)
+    backend = weight_sync.BACKEND_FOR_DEVICE[device] if device == "cpu" or gpus >= 2 else "gloo"
     (learner,) = learner_ranks(model, device, 2, 1)
-    env = {"CUDA_VISIBLE_DEVICES": "1"} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = gpu_env(1 if gpus >= 2 else 0) if device == "cuda" else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     receiver = Proc("gpu_check", "Receiver", (device,), env)
     seconds = []
     try:
@@ -286,13 +296,32 @@ def check_weight_group(model: str, device: str, gpus: int) -> dict:
             "bytes": sent["bytes"]}
 
 
-def check_learner_speed(model_path: str, device: str) -> dict:
-    """Learner tokens/s through forward+backward and peak memory, ZeRO-2 bf16, one rank, GSM8K-shaped rows."""
+def qwen25_05b_shaped(folder: Path, tokenizer_from: str) -> str:
+    """Random weights with exactly Qwen2.5-0.5B's config (494M parameters), bf16, the tiny model's tokenizer."""
     import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return str(folder)
+
+
+def check_learner_speed(model_path: str, device: str) -> dict:
+    """Learner tokens/s through forward+backward and peak memory, ZeRO-2 bf16, one rank, GSM8K-shaped rows (on a GPU
+    the Qwen2.5-0.5B-shaped model); on a GPU the peak is held to `learner.memory`'s estimate, which sizes the GPU
+    presets (CPU: the process's RSS, not comparable)."""
+    import torch
+    from transformers import AutoConfig
 
     from core.types import TrainSample
+    from learner import memory
     from learner.shards import make_shards
 
+    micro = 4
     (learner,) = learner_ranks(model_path, device, 2, 1)
     try:
         g = torch.Generator().manual_seed(0)
@@ -300,7 +329,7 @@ def check_learner_speed(model_path: str, device: str) -> dict:
         batch = [TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
                              torch.randint(3, 500, (c,), generator=g).tolist(), [-6.2] * c,
                              float(torch.randn(1, generator=g))) for _ in range(n)]
-        shard = make_shards(batch, 1, 4, 1, 1.0)[0]
+        shard = make_shards(batch, 1, micro, 1, 1.0)[0]
         learner.call("train_step", shard).result()
         times = []
         for _ in range(2):
@@ -309,8 +338,15 @@ def check_learner_speed(model_path: str, device: str) -> dict:
             times.append(time.perf_counter() - start)
     finally:
         learner.close()
-    return {"tokens_per_s": round(n * (p + c) / min(times)), "completion_tokens_per_s": round(n * c / min(times)),
-            "peak_memory_gib": round(peak / 2**30, 3), "rows": f"{n} × ({p} + {c})"}
+    est = memory.from_hf_config(AutoConfig.from_pretrained(model_path).to_dict(), micro_batch=micro, seq_len=p + c)
+    figures = {"tokens_per_s": round(n * (p + c) / min(times)), "completion_tokens_per_s": round(n * c / min(times)),
+               "peak_memory_gib": round(peak / 2**30, 3), "estimate_gib": round(est["total"] / 2**30, 3),
+               "peak_over_estimate": round(peak / est["total"], 3), "rows": f"{n} × ({p} + {c}), micro-batch {micro}",
+               "estimate": memory.summary(est)}
+    if device == "cuda" and not 0.5 <= peak / est["total"] <= 1.5:
+        raise AssertionError(f"peak memory {peak / 2**30:.2f} GiB is far from learner/memory.py's estimate "
+                             f"{est['total'] / 2**30:.2f} GiB: the GPU presets' sizes rest on it ({figures})")
+    return figures
 
 
 def tier1(device: str, out: Path) -> bool:
@@ -319,7 +355,7 @@ def tier1(device: str, out: Path) -> bool:
     from core.models import build_tiny_qwen2
 
     gpus = torch.cuda.device_count() if device == "cuda" else 0
-    checks = Checks("tier1", device)
+    checks = Checks("tier1", device, out)
     checks.report.update(torch=torch.__version__, gpus=gpus,
                          gpu=torch.cuda.get_device_name(0) if gpus else None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,8 +365,9 @@ def tier1(device: str, out: Path) -> bool:
         checks.run("zero2_bf16_step_and_chunked_logprobs", check_zero_step, model, device, 2, ranks)
         checks.run("zero3_bf16_step_and_chunked_logprobs", check_zero_step, model, device, 3, ranks)
         checks.run("weight_group_into_plain_receiver", check_weight_group, model, device, gpus)
-        checks.run("learner_tokens_per_s_and_memory", check_learner_speed, model, device)
-    return checks.write(out)
+        speed_model = model if device == "cpu" else qwen25_05b_shaped(Path(tmp) / "qwen2.5-0.5b-shape", model)
+        checks.run("learner_tokens_per_s_and_memory", check_learner_speed, speed_model, device)
+    return checks.write()
 
 
 # ---- tier 2 ------------------------------------------------------------------------------------------------------
@@ -349,8 +386,10 @@ def junit_checks(path: Path) -> dict[str, dict]:
     return out
 
 
-def tier2(device: str, out: Path, stages: list[str], select: str | None) -> bool:
-    checks = Checks("tier2", device)
+def tier2(device: str, out: Path, stages: list[str], select: str | None, limit_s: float = 560,
+          per_test_s: int = 300) -> bool:
+    """`limit_s` bounds each stage (a device call has 600 s), `per_test_s` each test of tests/test_gpu.py."""
+    checks = Checks("tier2", device, out)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if "tests" in stages:
         with tempfile.TemporaryDirectory() as tmp:
@@ -358,18 +397,27 @@ def tier2(device: str, out: Path, stages: list[str], select: str | None) -> bool
             cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
                    "tests/test_gpu.py", *(["-k", select] if select else [])]
             start = time.perf_counter()
-            run = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=590)
-            print(run.stdout[-6000:], flush=True)
+            cmd[4:4] = [f"--timeout={per_test_s}"]  # each test ends in time, so pytest writes its report
+            try:
+                run = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=limit_s)
+                text = run.stdout + run.stderr
+            except subprocess.TimeoutExpired as err:
+                partial = err.stdout or ""
+                text = (partial.decode(errors="replace") if isinstance(partial, bytes) else partial) + \
+                    "\n[tier 2 tests: stopped at the time limit]"
+            print(text[-6000:], flush=True)
             if not xml.exists():
-                checks.report["checks"]["tests"] = {"ok": False, "error": run.stdout[-3000:] + run.stderr[-3000:],
+                checks.report["checks"]["tests"] = {"ok": False, "error": text[-6000:],
                                                     "seconds": round(time.perf_counter() - start, 2)}
+                checks.write()
             else:
                 checks.report["checks"].update({f"test_gpu::{k.partition('::')[2]}": v
                                                 for k, v in junit_checks(xml).items()})
+                checks.write()
     if "bench" in stages:
         def bench() -> dict:
             run = subprocess.run([sys.executable, "bench/gpu.py", "--device", device], cwd=ROOT, env=env, text=True,
-                                 capture_output=True, timeout=590)
+                                 capture_output=True, timeout=limit_s)
             lines = [line for line in run.stdout.splitlines()
                      if re.match(r"(generation|weight sync|learner)", line)]
             if run.returncode:
@@ -379,12 +427,12 @@ def tier2(device: str, out: Path, stages: list[str], select: str | None) -> bool
     if "job" in stages:
         def job() -> dict:
             run = subprocess.run([sys.executable, "scripts/gpu_kit.py", "run", "job"], cwd=ROOT, env=env, text=True,
-                                 capture_output=True, timeout=590)
+                                 capture_output=True, timeout=limit_s)
             if run.returncode:
                 raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
             return {"summary": run.stdout[-3000:]}
         checks.run("job_9_minutes", job)
-    return checks.write(out)
+    return checks.write()
 
 
 # ---- the kit for tier 1 ------------------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def report(manifest: dict, seconds: float) -> None:
               f'carry=["gpu_kit/manifest.json", "gpu_kit/{part["name"]}"]){flag}')
     print('  run(command="bash scripts/gpu_kit.sh run install", timeout_s=300)')
     print('  run(command="bash scripts/gpu_check.sh tier2 --stages tests", timeout_s=600)')
-    print('  run(command="bash scripts/gpu_check.sh tier2 --stages job,bench", timeout_s=600)   # if time is left')
+    print('  run(command="bash scripts/gpu_check.sh tier2 --stages bench", timeout_s=600)   # if time is left')
+    print('  run(command="bash scripts/gpu_check.sh tier2 --stages job", timeout_s=600)     # if time is left')
     print("Each returns $OUT/gpu_check.json (tier 2) or gpu_kit_results.txt (install) under files_at.")
 
 

@@ -13,19 +13,19 @@ PY=${PYTHON:-python3}
 say() { echo "[setup] $*"; }
 if [ -n "${RLVR_NVIDIA_DRIVER:-}" ] || nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
 if [ "$DEVICE" = gpu ]; then
-    # CUDA 13 (torch 2.14.0, vllm 0.33.0) needs driver >= 580 (580.65.06 for 13.0); an older one only fails at
-    # the first CUDA call, after a multi-GB install, so check before anything is installed.
+    # CUDA 13 (torch 2.14.0, vllm 0.33.0) needs driver >= 580.65.06 (CUDA 13.0's minimum); an older one only fails
+    # at the first CUDA call, after a multi-GB install, so check before anything is installed.
     drv=${RLVR_NVIDIA_DRIVER:-$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true)}
     read -r drv <<<"$drv" || true  # the first GPU's line, trimmed
     need="torch 2.14.0 / vllm 0.33.0 are CUDA 13 builds and need NVIDIA driver >= 580 (CUDA 13.0 minimum: 580.65.06)"
-    todo="upgrade the NVIDIA driver, or use a machine with driver >= 580 (a CPU-only machine needs no driver)"
+    todo="upgrade the NVIDIA driver, or use a machine with driver >= 580.65.06 (a CPU-only machine needs no driver)"
     if ! [[ "$drv" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
         say "error: cannot read the NVIDIA driver version (got '$drv'); $need; $todo" >&2; exit 1
     fi
-    if (( 10#${drv%%.*} < 580 )); then
+    if [ "$(printf '%s\n' 580.65.06 "$drv" | sort -V | head -n1)" != 580.65.06 ]; then  # full version order
         say "error: NVIDIA driver $drv is too old: $need; $todo" >&2; exit 1
     fi
-    say "NVIDIA driver $drv: ok (>= 580)"
+    say "NVIDIA driver $drv: ok (>= 580.65.06)"
 fi
 stamp_now="$DEVICE $(cat scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp_now" ]; then

@@ -220,8 +220,8 @@ def test_restart_budget_ends_the_run_with_the_causes(ray_local, cpu_vllm, tmp_pa
 
 def test_killing_an_engine_kills_its_stuck_workers_too(ray_local):
     """`ray.kill` of a hung actor (SIGSTOPped) ends its process only: a child whose main thread is stuck (here
-    SIGSTOPped too, as a TP worker inside a CUDA or NCCL call) outlives it and keeps its GPU memory. `kill_trees` (what EngineGroup's restart and
-    shutdown call) leaves no process of the tree, within its bound."""
+    SIGSTOPped too, as a TP worker inside a CUDA or NCCL call) outlives it and keeps its GPU memory. `kill_trees`
+    (what EngineGroup's restart and shutdown call) leaves no process of the tree, within its bound."""
     import ray
 
     from core.reap import kill_trees

@@ -278,8 +278,8 @@ def test_reduce_metrics_weights_by_tokens():
     a = dict(base, tokens=10, clipped_tokens=1, ratio_sum=10.0, entropy_sum=20.0, loss=0.25, mismatch_sum=0.5,
              mismatch_tokens=10, mismatch_kl_sum=0.002, is_capped_tokens=1)
     b = dict(base, peak_memory_bytes=3 * 2**29, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0,
-             loss=0.5, ratio_max=1.3, mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006, is_capped_tokens=0)  # 10 of its tokens
-    # had no pre-update logprob
+             loss=0.5, ratio_max=1.3, mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006,
+             is_capped_tokens=0)  # 10 of its tokens had no pre-update logprob
     m = reduce_metrics([a, b])
     assert m["clip_frac"] == pytest.approx(0.1)
     assert m["ratio_mean"] == pytest.approx(43 / 40)

@@ -256,7 +256,8 @@ def test_receiver_loads_each_bucket_while_the_next_is_on_the_wire():
     k+1 is on the wire, and its timing waits for the compute stream only. Here the sender holds bucket 1 back until
     the receiver has loaded bucket 0: a loop that waited for the next bucket before loading (as a device-wide
     synchronize in the timing did on GPU: it waits for NCCL's stream too) ends in the group's timeout instead. The
-    accelerator twin refuses a device-wide synchronize outright."""
+    accelerator twin refuses a device-wide synchronize outright. What CPU cannot show: that `accel.Cuda.mark`
+    itself waits on the current stream only (one event record; the GPU check runs it)."""
     from core import accel
     from rollout.worker_extension import receive_and_load
 

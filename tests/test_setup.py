@@ -10,6 +10,8 @@ start an install.
 import os
 import shutil
 import subprocess
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +49,17 @@ def test_old_driver_stops_before_venv(tmp_path):
     assert "too old" in r.stderr
 
 
+@pytest.mark.parametrize("version", ["580.40.07", "575.57.08", "580.65"])
+def test_a_580_driver_below_cuda_13s_minimum_stops_too(tmp_path, version):
+    """Versions compare in full (580.40 < 580.65.06 < 580.82 < 610), not by the major number alone."""
+    _assert_stopped(_run(tmp_path, RLVR_NVIDIA_DRIVER=version), tmp_path, version)
+
+
+@pytest.mark.parametrize("version", ["580.82.07", "610"])
+def test_newer_drivers_pass(tmp_path, version):
+    assert f"NVIDIA driver {version}: ok" in _run(tmp_path, RLVR_NVIDIA_DRIVER=version).stdout
+
+
 def test_unparsable_driver_stops_before_venv(tmp_path):
     r = _run(tmp_path, RLVR_NVIDIA_DRIVER="not-a-version")
     _assert_stopped(r, tmp_path, "'not-a-version'")
@@ -56,7 +69,7 @@ def test_driver_580_passes_the_check(tmp_path):
     r = _run(tmp_path, RLVR_NVIDIA_DRIVER="580.65.06")
     out = r.stdout + r.stderr
     assert not _driver_error(r), out
-    assert "[setup] NVIDIA driver 580.65.06: ok (>= 580)" in r.stdout
+    assert "[setup] NVIDIA driver 580.65.06: ok (>= 580.65.06)" in r.stdout
     # Past the check, the script stops at its Python check (PYTHON does not exist), not for the driver.
     assert r.returncode not in (0, 1), (r.returncode, out)
     assert NO_PYTHON in r.stderr
