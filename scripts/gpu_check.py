@@ -296,20 +296,6 @@ def check_weight_group(model: str, device: str, gpus: int) -> dict:
             "bytes": sent["bytes"]}
 
 
-def qwen25_05b_shaped(folder: Path, tokenizer_from: str) -> str:
-    """Random weights with exactly Qwen2.5-0.5B's config (494M parameters), bf16, the tiny model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
-    return str(folder)
-
-
 def check_learner_speed(model_path: str, device: str) -> dict:
     """Learner tokens/s through forward+backward and peak memory, ZeRO-2 bf16, one rank, GSM8K-shaped rows (on a GPU
     the Qwen2.5-0.5B-shaped model); on a GPU the peak is held to `learner.memory`'s estimate, which sizes the GPU
@@ -352,7 +338,7 @@ def check_learner_speed(model_path: str, device: str) -> dict:
 def tier1(device: str, out: Path) -> bool:
     import torch
 
-    from core.models import build_tiny_qwen2
+    from core.models import build_qwen25_05b_shape, build_tiny_qwen2
 
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     checks = Checks("tier1", device, out)
@@ -365,7 +351,7 @@ def tier1(device: str, out: Path) -> bool:
         checks.run("zero2_bf16_step_and_chunked_logprobs", check_zero_step, model, device, 2, ranks)
         checks.run("zero3_bf16_step_and_chunked_logprobs", check_zero_step, model, device, 3, ranks)
         checks.run("weight_group_into_plain_receiver", check_weight_group, model, device, gpus)
-        speed_model = model if device == "cpu" else qwen25_05b_shaped(Path(tmp) / "qwen2.5-0.5b-shape", model)
+        speed_model = model if device == "cpu" else str(build_qwen25_05b_shape(Path(tmp) / "qwen-shape", model))
         checks.run("learner_tokens_per_s_and_memory", check_learner_speed, speed_model, device)
     return checks.write()
 

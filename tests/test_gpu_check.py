@@ -1,6 +1,7 @@
 """The GPU check's tiers (scripts/gpu_check.py) on CPU, as CI runs every GPU function: the same checks on gloo.
 Tier 1 runs with Ray and vLLM made unimportable, as on the GPU image it is written for."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def test_tier2_turns_test_results_into_checks(tmp_path, cpu_vllm):
     assert checks.keys() == {"test_gpu::test_prompts_are_token_ids",
                              "test_gpu::test_world_size_1_group_opens_broadcasts_aborts_and_reopens"}, checks
     assert all(c["ok"] is True for c in checks.values())
+
+
+def test_the_qwen25_05b_stand_in_has_the_real_models_size(tmp_path, tiny_model):
+    """The random model that the GPU bench and tier 1 build on the device (no hub there): Qwen2.5-0.5B's
+    494,032,768 parameters, as learner/memory.py counts them from its config (the presets' sizes rest on that)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from core.models import build_qwen25_05b_shape
+    from learner import memory
+
+    path = build_qwen25_05b_shape(tmp_path / "shape", tiny_model)
+    numel = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                assert st.get_slice(k).get_dtype() == "BF16", k
+                shape = st.get_slice(k).get_shape()
+                numel += math.prod(shape)
+    assert numel == 494_032_768
+    assert memory.model_dims(AutoConfig.from_pretrained(path).to_dict())["params"] == numel
