@@ -18,116 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from plain_procs import Proc, gather  # the learner ranks and the receiver as plain processes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 KIT = ROOT / "gpu_kit" / "tier1"
 # What tier 1 needs beside the GPU image's packages (torch, transformers, numpy, psutil, ninja, py-cpuinfo, ...).
 TIER1_WHEELS = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection"]
-
-
-# ---- plain processes that hold one object each -----------------------------------------------------------------
-
-def _serve(conn, env: dict, module: str, cls: str, args: tuple) -> None:
-    os.environ.update(env)  # before torch/DeepSpeed are imported, as Ray's runtime_env does
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    import importlib
-
-    obj = getattr(importlib.import_module(module), cls)(*args)
-    conn.send(("ok", None))
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        method, a, kw = msg
-        try:
-            conn.send(("ok", getattr(obj, method)(*a, **kw)))
-        except BaseException as err:  # noqa: BLE001 - sent back to the caller, who raises it with the traceback
-            conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-
-
-class Proc:
-    """An object of `module.cls(*args)` in a process of its own; `call` sends a method call, `result` waits."""
-
-    def __init__(self, module: str, cls: str, args: tuple = (), env: dict | None = None):
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, env or {}, module, cls, args), daemon=True)
-        self.proc.start()
-        self.result(120)
-
-    def call(self, method: str, *args, **kwargs) -> "Proc":
-        self.conn.send((method, args, kwargs))
-        return self
-
-    def result(self, timeout_s: float = 600):
-        if not self.conn.poll(timeout_s):
-            raise TimeoutError(f"no answer from pid {self.proc.pid} within {timeout_s:.0f}s")
-        status, value = self.conn.recv()
-        if status == "error":
-            raise RuntimeError(value)
-        return value
-
-    def close(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-
-
-def gather(procs: list[Proc], timeout_s: float = 600) -> list:
-    return [p.result(timeout_s) for p in procs]
-
-
-class Receiver:
-    """A plain-torch member of the weight group (what an engine worker does, without vLLM): receives every bucket
-    into rotating buffers on its device and returns a checksum per tensor."""
-
-    def __init__(self, device: str):
-        import torch
-
-        from core import accel
-
-        self.device = accel.for_device(device).set_device()
-        self.group = None
-        torch.manual_seed(0)
-
-    def open(self, backend: str, host: str, port: int, world: int, rank: int, timeout_s: float, plan: list) -> int:
-        from core import weight_sync
-
-        weight_sync.close_group(self.group)
-        self.plan = plan
-        rotating = weight_sync.RotatingBuffers(plan, self.device)
-        self.buffers = [rotating.next(b) for b in plan]
-        self.group = weight_sync.open_group(backend, host, port, world, rank, timeout_s)
-        return rank
-
-    def close(self) -> None:
-        from core import weight_sync
-
-        weight_sync.close_group(self.group)
-        self.group = None
-
-    def receive(self, version: int) -> dict[str, float]:
-        from core import weight_sync
-
-        sums = {}
-        for _, tensors in weight_sync.receive_buckets(self.group, self.plan, self.device, version, self.buffers):
-            sums.update((n, t.double().sum().item()) for n, t in tensors)
-        return sums
 
 
 # ---- tier 1 ------------------------------------------------------------------------------------------------------
@@ -172,7 +78,9 @@ class Checks:
 
 
 def check_ws1_group(device: str) -> dict:
-    """A weight group of one member (the only NCCL group one GPU holds): open, two syncs, abort, reopen, a sync."""
+    """A weight group of one member (the only NCCL group one GPU holds): open, two syncs, abort, reopen, two syncs.
+    With one member nothing is received: it fails by raising or hanging, which is what it checks (construction in
+    blocking-wait mode, the communicator's creation at open, an abort that leaves nothing blocking the next group)."""
     import torch
 
     from core import weight_sync
@@ -185,10 +93,14 @@ def check_ws1_group(device: str) -> dict:
         group = weight_sync.open_group(backend, "127.0.0.1", weight_sync.free_port("127.0.0.1"), 1, 0, 60)
         buffers = weight_sync.RotatingBuffers(plan, device)
         for version in (1, 2):
-            weight_sync.send(group, plan, version, (weight_sync.pack(b, tensors, device, out=buffers.next(b))
-                                                    for b in plan), device)
+            sent = weight_sync.send(group, plan, version, (weight_sync.pack(b, tensors, device, out=buffers.next(b))
+                                                           for b in plan), device)
+            if sent != sum(b.nbytes for b in plan):
+                raise AssertionError(f"sync v{version} sent {sent} bytes, the plan holds {sum(b.nbytes for b in plan)}")
             syncs += 1
         weight_sync.close_group(group)
+        if group.pg is not None:
+            raise AssertionError("close_group left the process group in place")
     return {"backend": backend, "syncs": syncs, "buckets": len(plan)}
 
 
@@ -269,7 +181,7 @@ def check_weight_group(model: str, device: str, gpus: int) -> dict:
     backend = weight_sync.BACKEND_FOR_DEVICE[device] if device == "cpu" or gpus >= 2 else "gloo"
     (learner,) = learner_ranks(model, device, 2, 1)
     env = gpu_env(1 if gpus >= 2 else 0) if device == "cuda" else {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    receiver = Proc("gpu_check", "Receiver", (device,), env)
+    receiver = Proc("plain_procs", "Receiver", (device,), env)
     seconds = []
     try:
         from learner.shards import make_shards

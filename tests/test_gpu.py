@@ -23,7 +23,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import weight_sync
-from core.types import TrainSample
 from launch.config import GRPOConfig, LearnerConfig, RolloutConfig, load_config
 from learner.group import LearnerGroup
 from reference import CLIP, LR, T, load, make_batch, reference_step, state, step_agreement
@@ -34,6 +33,7 @@ DEVICE = "cuda" if GPUS else "cpu"
 BACKEND = weight_sync.BACKEND_FOR_DEVICE[DEVICE]
 DTYPE = "bfloat16"
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # gpu_check: the checks tier 1 runs on a GPU
 pytestmark = pytest.mark.integration
 QUESTIONS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
              "How many clips did Natalia sell altogether in April and May?",
@@ -229,21 +229,11 @@ def test_qwen2_biases_reach_the_engine(qwen2_engine, tiny_model):
 
 def test_world_size_1_group_opens_broadcasts_aborts_and_reopens():
     """The weight group of one member on this device's backend (NCCL on a GPU: the only NCCL group one GPU can
-    hold): open, a sync, abort, open again on a fresh port, a sync. With one member nothing is received: the test
-    fails only by raising or hanging, which is what it checks (construction in blocking-wait mode, the
-    communicator's creation at open, an abort that leaves nothing blocking the next group)."""
-    tensors = {"w": torch.randn(64, 32), "b": torch.randn(32)}
-    plan = weight_sync.plan_buckets([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], 1 << 20)
-    for attempt in range(2):
-        group = weight_sync.open_group(BACKEND, "127.0.0.1", weight_sync.free_port("127.0.0.1"), 1, 0, 30)
-        buffers = weight_sync.RotatingBuffers(plan, DEVICE)
-        on_device = {k: v.to(DEVICE) for k, v in tensors.items()}
-        for version in (1, 2):
-            sent = weight_sync.send(group, plan, version, (weight_sync.pack(b, on_device, DEVICE, out=buffers.next(b))
-                                                           for b in plan), DEVICE)
-            assert sent == sum(b.nbytes for b in plan)
-        weight_sync.close_group(group)
-        assert group.pg is None
+    hold), as tier 1 of the GPU check runs it (`gpu_check.check_ws1_group`): open, two syncs, abort, open again on
+    a fresh port, two syncs; every sync sends the plan's bytes and the abort drops the process group."""
+    import gpu_check
+
+    assert gpu_check.check_ws1_group(DEVICE) == {"backend": BACKEND, "syncs": 4, "buckets": 2}
 
 
 def learner_cfg(stage: int, workers: int) -> LearnerConfig:
