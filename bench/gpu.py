@@ -25,7 +25,7 @@ import torch
 from core import accel, weight_sync
 from core.models import _atomic_build, build_qwen25_05b_shape, cache_dir, resolve_model
 from core.types import TrainSample
-from launch.config import GRPOConfig, LearnerConfig, RolloutConfig
+from core.config import GRPOConfig, LearnerConfig, RolloutConfig
 from learner.group import LearnerGroup
 from rollout.group import EngineGroup
 
@@ -151,7 +151,7 @@ def learner_mfu(learner: LearnerGroup, device: str, size: dict) -> None:
     seconds, peak = [], 0.0
     for _ in range(3):
         t = time.perf_counter()
-        peak = learner.train_step(batch, 1.0)["learner_peak_gib"]
+        peak = learner.train_step(batch, 1.0).learner_peak_gib
         seconds.append(time.perf_counter() - t)
     params = learner.infos[0]["params"]
     tokens = b * (p + c) / min(seconds)

@@ -28,7 +28,7 @@ import torch
 
 from core import weight_sync
 from core.types import TrainSample
-from launch.config import GRPOConfig, LearnerConfig
+from core.config import GRPOConfig, LearnerConfig
 from learner import grpo
 from learner.group import LearnerGroup
 from learner.worker import LearnerWorker
@@ -172,7 +172,7 @@ def main() -> None:
     print(f"learner bench: random Qwen2 ~25M params, {args.ranks} rank(s) × {args.threads} thread(s), ZeRO-{args.zero}, "
           f"fp32; {args.samples} samples of {args.prompt_len}+{args.completion_len} tokens per step")
     print(f"  step {step:.2f} s (best of {args.steps}): {rate:.0f} completion tokens/s, {total / step:.0f} tokens/s "
-          f"through forward+backward (grad norm {m['grad_norm']:.3f})")
+          f"through forward+backward (grad norm {m.grad_norm:.3f})")
 
     plan = learners.weight_plan()
     nbytes = sum(b.nbytes for b in plan)

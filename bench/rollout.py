@@ -20,7 +20,7 @@ import common
 import ray
 import torch
 
-from launch.config import RolloutConfig
+from core.config import RolloutConfig
 from core import weight_sync
 from rollout.group import EngineGroup
 

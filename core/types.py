@@ -54,3 +54,29 @@ class Timeouts:
     broadcast_s: float = 600.0  # one weight sync, and the weight group's rendezvous
     eval_s: float = 1800.0  # one evaluation pass
     checkpoint_s: float = 1800.0  # one checkpoint save or load
+
+
+@dataclass
+class LearnerStats:
+    """A learner step's statistics, as `learner.shards.reduce_metrics` makes them from every rank's sums; the row a
+    step logs holds each field under its name (`dataclasses.asdict`)."""
+
+    loss: float  # the mean over minibatches of the minibatch loss
+    clip_frac: float  # share of tokens whose ratio was clipped
+    ratio_mean: float
+    ratio_max: float
+    ratio_min: float
+    kl: float  # k3 KL to the reference, per token (0 without grpo.beta)
+    entropy: float  # per token
+    logprob_mismatch: float  # mean |learner − vLLM| logprob of the sampled tokens, before the update
+    mismatch_kl: float  # k3 KL(π_vLLM ‖ π_old) per token, over every minibatch
+    is_capped_frac: float  # tokens whose importance weight was truncated or masked
+    grad_norm: float
+    lr: float
+    optimizer_steps: int
+    skipped_steps: int
+    nonfinite_microbatches: int
+    train_tokens: float
+    train_seqs: float
+    train_seconds: float
+    learner_peak_gib: float  # the largest rank's peak (CUDA: allocated tensors; CPU: the process's peak RSS so far)

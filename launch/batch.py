@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
-from core.types import Sample, TrainSample
+from core.types import LearnerStats, Sample, TrainSample
 from launch.config import Config, ConfigError, Fields
 from launch.data import Example, PromptOrder, encode_prompts, load_examples
 from learner.grpo import group_advantages, overlong_penalty
 from rewards import Scorer
-from rollout.group import EngineGroup
+
+
+class Sampler(Protocol):
+    """What rollouts and evaluation generate with: the weight channel (`launch.weights.WeightChannel`), or an
+    `EngineGroup` alone when the engines keep the model's own weights."""
+
+    def generate(self, prompts: list[list[int]], n: int, **sampling) -> list[list[Sample]]: ...
 
 
 @dataclass
@@ -147,10 +154,10 @@ class Rollout:
     refill_prompts: int = 0  # prompts drawn beyond prompts_per_step
     refill_capped: bool = False  # grpo.refill_max_prompts reached before prompts_per_step groups were kept
     version: int = 0  # the weight version the engines held as the rollout began
+    overlapped: bool = False  # generated while the learner trained the step before (train.pipeline: one_step_off)
 
 
-def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: PromptOrder, scorer: Scorer,
-            sampling: dict) -> Rollout:
+def collect(cfg: Config, sampler: Sampler, prompts: PromptSet, order: PromptOrder, scorer: Scorer) -> Rollout:
     """Draw prompts_per_step prompts, generate n samples each, score them, build the batch. With grpo.refill,
     draw as many further prompts as groups were filtered out, round after round, until the step keeps
     prompts_per_step groups or grpo.refill_max_prompts extra prompts were drawn (DAPO dynamic sampling)."""
@@ -160,7 +167,8 @@ def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: Prompt
     while draw > 0:
         new = order.next(draw)
         with timer("generate"):
-            got = engines.generate([prompts.ids[i] for i in new], cfg.rollout.n, **sampling)
+            got = sampler.generate([prompts.ids[i] for i in new], cfg.rollout.n, temperature=cfg.rollout.temperature,
+                                   top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens, stop=cfg.rollout.stop)
         with timer("reward"):
             r, d = score(got, [prompts.examples[i] for i in new], scorer, cfg.grpo, cfg.rollout.max_tokens)
             b, f = build_batch(got, r, cfg.grpo)
@@ -175,13 +183,13 @@ def collect(cfg: Config, engines: EngineGroup, prompts: PromptSet, order: Prompt
                    cfg.grpo.refill and len(ids) - filtered < want)
 
 
-def evaluate(engines: EngineGroup, sets: list[PromptSet], cfg: Config, scorer: Scorer) -> dict:
+def evaluate(sampler: Sampler, sets: list[PromptSet], cfg: Config, scorer: Scorer) -> dict:
     """Every eval set: eval.n samples per question (greedy by default), scored with the task's rewards (the same
     functions as training); the numbers are `eval_numbers`'. Sampled evaluation is seeded (train.seed), so that it
     does not depend on what the engines sampled before."""
     out, sampled = {}, cfg.eval.temperature > 0
     for test in sets:
-        groups = engines.generate(test.ids, cfg.eval.n, temperature=cfg.eval.temperature,
+        groups = sampler.generate(test.ids, cfg.eval.n, temperature=cfg.eval.temperature,
                                   max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens, stop=cfg.rollout.stop,
                                   seed=cfg.train.seed if sampled else None, timeout_s=cfg.timeouts.eval_s)
         out.update(eval_numbers(groups, test.examples, scorer, f"eval/{test.name}/" if test.name else "eval/"))
@@ -206,25 +214,30 @@ def eval_numbers(groups: list[list[Sample]], examples: list[Example], scorer: Sc
     return {prefix + key: v for key, v in row.items()}
 
 
-def step_row(groups, rewards, details, filtered, learner_stats, timer_parts, version, learner_version=None) -> dict:
+def step_row(ro: Rollout, stats: LearnerStats | None, learner_version: int, refill: bool = False) -> dict:
+    """The numbers a step logs about its rollout and its update (`stats`: None when every group was filtered)."""
+    groups, rewards, version = ro.groups, ro.rewards, min(s.weight_version for g in ro.groups for s in g)
     live = torch.tensor([g[0].finish_reason != "dropped" for g in groups])
     flat = [s for g in groups for s in g if s.finish_reason != "dropped"]
     lengths = [len(s.completion_ids) for s in flat] or [0]
     kept = rewards[live] if live.any() else torch.zeros(1, 1, dtype=rewards.dtype)
     row = {"reward": float(kept.mean()), "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
-           **{k: sum(v) / max(len(v), 1) for k, v in details.items()},
+           **{k: sum(v) / max(len(v), 1) for k, v in ro.details.items()},
            "completion_len": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
            "truncated_frac": sum(s.finish_reason == "length" for s in flat) / max(len(flat), 1),
-           "groups": len(groups), "groups_filtered": filtered, "groups_kept": len(groups) - filtered,
+           "groups": len(groups), "groups_filtered": ro.filtered, "groups_kept": len(groups) - ro.filtered,
            "samples": len(flat),
            "dropped_prompts": sum(g[0].finish_reason == "dropped" for g in groups),
-           "weight_version": version, **learner_stats}
-    if learner_version is not None:  # updates the oldest sample is behind the learner it trains (at most 1)
-        row["staleness"] = int(version != learner_version)
-    gen_s = timer_parts.get("generate", 0.0)
+           "weight_version": version, **(asdict(stats) if stats else {})}
+    row["staleness"] = int(version != learner_version)  # updates the oldest sample is behind the learner (≤ 1)
+    gen_s = ro.parts.get("generate", 0.0)
     row["gen_tokens_per_s"] = sum(lengths) / gen_s if gen_s else 0.0
-    if learner_stats.get("train_seconds"):
-        row["train_tokens_per_s"] = learner_stats["train_tokens"] / learner_stats["train_seconds"]
+    if stats and stats.train_seconds:
+        row["train_tokens_per_s"] = stats.train_tokens / stats.train_seconds
+    if ro.overlapped:
+        row["rollout_seconds"] = ro.parts.get("generate", 0.0) + ro.parts.get("reward", 0.0)
+    if refill:
+        row.update(refill_prompts=ro.refill_prompts, refill_capped=float(ro.refill_capped))
     return row
 
 

@@ -10,7 +10,7 @@ weights to the engines, exactly as training does before its own eval. The eval s
 eval.temperature) and rewards come from the config; key=value overrides work as for training. Prints one line per
 eval set and the metrics as JSON, with the keys training writes to metrics.jsonl (`--output` also writes the JSON).
 
-Exit codes: 0 done; 1 failed; 2 the config, the model or the cluster cannot be used.
+Exit codes: `launch/exits.py` (0 done, 1 failed, 2 the config, the model or the cluster cannot be used).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir, under `ray job submit`
 
-from launch.cluster import ClusterTooSmall  # noqa: E402
-from launch.config import ConfigError, load_config  # noqa: E402
+from launch import exits  # noqa: E402
+from launch.config import load_config  # noqa: E402
 
 log = logging.getLogger("rlvr")
 
@@ -49,7 +49,8 @@ def evaluate_model(cfg, checkpoint_dir: Path | None = None) -> dict:
     from launch import checkpoint
     from launch.batch import evaluate, load_eval_sets, make_scorer
     from launch.cluster import connect, detect_device
-    from launch.train import Faults, check_inputs, start_actors, stop_actors
+    from launch.actors import check_inputs, start_actors, stop_actors
+    from launch.supervisor import Faults
 
     check_inputs(cfg)
     connect(cfg.train.ray_address)
@@ -65,7 +66,7 @@ def evaluate_model(cfg, checkpoint_dir: Path | None = None) -> dict:
             actors.learners.load(str(checkpoint_dir))
             actors.channel.sync(checkpoint.read_state(checkpoint_dir)["step"])
         start = time.time()
-        metrics = evaluate(actors.engines, sets, cfg, scorer)
+        metrics = evaluate(actors.channel or actors.engines, sets, cfg, scorer)
         failed = {k: v for k, v in scorer.failures().items() if v}
         if failed:  # those calls scored 0: the numbers above are lower bounds
             log.warning(f"reward calls that failed and scored 0: {failed}")
@@ -102,29 +103,21 @@ def format_lines(metrics: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[rlvr] %(message)s", stream=sys.stdout, force=True)
-    from launch.checkpoint import CheckpointNotShared
-    from rewards import RewardFailed
-    from rollout.group import EngineRestartsExhausted
+    return exits.run_job(lambda: run(args))
 
-    try:
-        ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
-        cfg = load_config(args.config, args.overrides + ([f"model.path={args.model}"] if args.model else []))
-        print(f"[rlvr] eval-only: {ckpt or cfg.model.path} on {cfg.task.name} "
-              f"({1 + len(cfg.eval.sets)} eval set(s), n={cfg.eval.n}, temperature={cfg.eval.temperature})",
-              flush=True)
-        metrics = evaluate_model(cfg, ckpt)
-    except (ConfigError, ClusterTooSmall, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (RewardFailed, EngineRestartsExhausted, CheckpointNotShared) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def run(args) -> dict:
+    ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
+    cfg = load_config(args.config, args.overrides + ([f"model.path={args.model}"] if args.model else []))
+    print(f"[rlvr] eval-only: {ckpt or cfg.model.path} on {cfg.task.name} "
+          f"({1 + len(cfg.eval.sets)} eval set(s), n={cfg.eval.n}, temperature={cfg.eval.temperature})", flush=True)
+    metrics = evaluate_model(cfg, ckpt)
     for line in format_lines(metrics):
         print(line, flush=True)
     print("metrics " + json.dumps(metrics, sort_keys=True), flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ Run directly (`python launch/gsm8k.py ...`) it starts a local Ray cluster. Witho
 `--dry-run` prints the resolved config and exits; `--resume` insists on continuing from the latest checkpoint in
 train.output_dir (which is also what happens by default when one is there).
 
-Exit codes: 0 done (or stopped by train.stop_after); 1 failed (an error that restarts could not fix, with its
-message); 2 the config, the cluster or the output dir cannot be used (nothing was trained); 75 stopped by SIGTERM or
-SIGINT (`ray job stop`, a preempted node) after writing a checkpoint: submit the same command again to continue.
+Exit codes: `launch/exits.py` (0 done, 1 failed, 2 nothing trained: the config, cluster or output dir cannot be
+used, 75 stopped by a signal after writing a checkpoint: submit the same command again to continue).
 """
 from __future__ import annotations
 
@@ -22,10 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir, under `ray job submit`
 
-from launch.checkpoint import CheckpointNotShared  # noqa: E402
-from launch.cluster import ClusterTooSmall  # noqa: E402
+from launch import exits  # noqa: E402
 from launch.config import ConfigError, dump_config, load_config  # noqa: E402
-from launch.outputs import OutputDirLocked  # noqa: E402
 
 GPU_PRESET, CPU_PRESET = "gsm8k_qwen2.5_0.5b.yaml", "gsm8k_smollm2_cpu.yaml"
 
@@ -54,28 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(preset, args.overrides + (["train.resume=must"] if args.resume else []))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exits.UNUSABLE
     if args.dry_run:
         print(f"# resolved from {preset}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
         print(dump_config(cfg))
         return 0
     print(f"[rlvr] config {preset}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
-    from launch.train import EXIT_STOPPED, RestartsExhausted, StopRequested, train
-    from rewards import RewardFailed
-    from rollout.group import EngineRestartsExhausted
+    from launch.train import train
 
-    try:
-        train(cfg)
-    except (ConfigError, ClusterTooSmall, FileNotFoundError, FileExistsError, OutputDirLocked) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StopRequested as err:
-        print(f"[rlvr] {err}", flush=True)
-        return EXIT_STOPPED
-    except (RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, RewardFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return exits.run_job(lambda: train(cfg))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from core.types import Timeouts, TrainSample
+from core.types import LearnerStats, Timeouts, TrainSample
 from core.waits import wait_all
 from learner.shards import make_shards, reduce_metrics
 from learner.worker import LearnerWorker, worker_env
@@ -33,7 +33,7 @@ class LearnerGroup:
         self.infos: list[dict] = [{} for _ in self.workers]
         master = self._wait([self.workers[0].address.remote()], "learner start", timeouts.start_s,
                             ["learner rank 0"])[0]
-        self._pending = [w.setup.remote(master, model, device, cfg.model_dump(), grpo_cfg.model_dump(), total_steps,
+        self._pending = [w.setup.remote(master, model, device, cfg, grpo_cfg, total_steps,
                                         dtype, seed, timeouts.train_s) for w in self.workers]
 
     def name(self, r: int) -> str:
@@ -50,7 +50,7 @@ class LearnerGroup:
             self._pending = []
         return self
 
-    def train_step(self, samples: list[TrainSample], temperature: float, max_tokens: int = 0) -> dict:
+    def train_step(self, samples: list[TrainSample], temperature: float, max_tokens: int = 0) -> LearnerStats:
         """One rollout batch; `max_tokens` (rollout.max_tokens) is the constant of grpo.loss_agg=token_sum_norm."""
         shards = make_shards(samples, len(self.workers), self.cfg.micro_batch_size, self.cfg.minibatches_per_step,
                              temperature, max_tokens)
@@ -88,10 +88,6 @@ class LearnerGroup:
 
     def export_hf(self, path: str) -> str:
         return self._wait([w.export_hf.remote(path) for w in self.workers], "export", self.timeouts.checkpoint_s)[0]
-
-    def full_state_dict(self) -> dict:
-        return self._wait([w.full_state_dict.remote() for w in self.workers], "full state dict",
-                          self.timeouts.checkpoint_s)[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -3,9 +3,10 @@ Ray (scripts/gpu_check.py drives the learner ranks as plain processes with it)."
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from core.balance import split_balanced
-from core.types import TrainSample, TrainShard
+from core.types import LearnerStats, TrainSample, TrainShard
 
 
 def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: int, minibatches: int,
@@ -32,33 +33,59 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
     return [TrainShard(per_rank[r], tokens, seqs, micro, temperature, max_tokens) for r in range(world_size)]
 
 
-def reduce_metrics(per_rank: list[dict]) -> dict:
-    """Sums from every rank → batch metrics (means per token unless named otherwise)."""
-    tot = {k: sum(m[k] for m in per_rank) for k in ("tokens", "seqs", "loss", "clipped_tokens", "ratio_sum",
-                                                    "kl_sum", "entropy_sum", "mismatch_sum", "mismatch_tokens",
-                                                    "mismatch_kl_sum", "is_capped_tokens")}
+@dataclass
+class RankSums:
+    """One rank's part of a train step: sums, to be added over the ranks, and the values every rank shares."""
+
+    tokens: float = 0.0
+    seqs: float = 0.0
+    loss: float = 0.0  # the sum of this rank's shares of each minibatch loss
+    clipped_tokens: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_max: float = 0.0
+    ratio_min: float = float("inf")
+    kl_sum: float = 0.0
+    entropy_sum: float = 0.0
+    mismatch_sum: float = 0.0  # |learner − vLLM| logprob, over the tokens of mismatch_tokens
+    mismatch_tokens: float = 0.0
+    mismatch_kl_sum: float = 0.0
+    is_capped_tokens: float = 0.0
+    nonfinite_microbatches: int = 0
+    skipped_steps: int = 0
+    steps: int = 0  # optimizer steps
+    grad_norm: float = float("nan")
+    lr: float = 0.0
+    train_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+SUMMED = ("tokens", "seqs", "loss", "clipped_tokens", "ratio_sum", "kl_sum", "entropy_sum", "mismatch_sum",
+          "mismatch_tokens", "mismatch_kl_sum", "is_capped_tokens")
+
+
+def reduce_metrics(per_rank: list[RankSums]) -> LearnerStats:
+    """Every rank's sums → the step's statistics (means per token unless named otherwise)."""
+    tot = {k: sum(getattr(m, k) for m in per_rank) for k in SUMMED}
     n = max(tot["tokens"], 1.0)
     first = per_rank[0]
-    steps = max(first["steps"], 1)
-    return {
-        "loss": tot["loss"] / steps,  # mean over minibatches of the minibatch loss
-        "clip_frac": tot["clipped_tokens"] / n,
-        "ratio_mean": tot["ratio_sum"] / n,
-        "ratio_max": max(m["ratio_max"] for m in per_rank),
-        "ratio_min": min(m["ratio_min"] for m in per_rank),
-        "kl": tot["kl_sum"] / n,
-        "entropy": tot["entropy_sum"] / n,
-        "logprob_mismatch": tot["mismatch_sum"] / max(tot["mismatch_tokens"], 1.0),  # mean |learner − vLLM| logprob
-        "mismatch_kl": tot["mismatch_kl_sum"] / n,  # k3 KL(π_vLLM ‖ π_old) per token, over every minibatch
-        "is_capped_frac": tot["is_capped_tokens"] / n,  # tokens whose importance weight was truncated or masked
-        "grad_norm": first["grad_norm"],
-        "lr": first["lr"],
-        "optimizer_steps": first["steps"],
-        "skipped_steps": first["skipped_steps"],
-        "nonfinite_microbatches": first["nonfinite_microbatches"],
-        "train_tokens": tot["tokens"],
-        "train_seqs": tot["seqs"],
-        "train_seconds": max(m["train_seconds"] for m in per_rank),
-        # the largest rank's peak this step (CUDA: allocated tensors; CPU: the process's peak RSS so far)
-        "learner_peak_gib": max(m["peak_memory_bytes"] for m in per_rank) / 2**30,
-    }
+    return LearnerStats(
+        loss=tot["loss"] / max(first.steps, 1),
+        clip_frac=tot["clipped_tokens"] / n,
+        ratio_mean=tot["ratio_sum"] / n,
+        ratio_max=max(m.ratio_max for m in per_rank),
+        ratio_min=min(m.ratio_min for m in per_rank),
+        kl=tot["kl_sum"] / n,
+        entropy=tot["entropy_sum"] / n,
+        logprob_mismatch=tot["mismatch_sum"] / max(tot["mismatch_tokens"], 1.0),
+        mismatch_kl=tot["mismatch_kl_sum"] / n,
+        is_capped_frac=tot["is_capped_tokens"] / n,
+        grad_norm=first.grad_norm,
+        lr=first.lr,
+        optimizer_steps=first.steps,
+        skipped_steps=first.skipped_steps,
+        nonfinite_microbatches=first.nonfinite_microbatches,
+        train_tokens=tot["tokens"],
+        train_seqs=tot["seqs"],
+        train_seconds=max(m.train_seconds for m in per_rank),
+        learner_peak_gib=max(m.peak_memory_bytes for m in per_rank) / 2**30,
+    )

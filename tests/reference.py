@@ -74,3 +74,12 @@ def step_agreement(start: dict, ref_weights: dict, weights: dict) -> tuple[int, 
         agree += int((torch.sign(step[big]) == torch.sign(step_ref[big])).sum())
         moved += int(big.sum())
     return agree, moved
+
+
+def full_state_dict(learners) -> dict:
+    """The learner's whole model (gathered under ZeRO-3), from rank 0 of a `LearnerGroup`."""
+    from core.waits import wait_all
+
+    refs = [w.full_state_dict.remote() for w in learners.workers]  # every rank takes part in a ZeRO-3 gather
+    return wait_all(refs, [learners.name(r) for r in range(len(refs))], "full state dict",
+                    learners.timeouts.checkpoint_s)[0]

@@ -1,5 +1,7 @@
 """Config loading, GSM8K data, prompt order and the cluster-fit check: fast, no Ray/vLLM/DeepSpeed processes."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,41 @@ from launch.config import CONFIG_DIR, REFERENCE_PROMPT, ConfigError, dump_config
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k, parse_rows, read_rows, render_prompt
 
 PRESETS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+# ---- entry points and exit codes ----------------------------------------------------------------------------------
+
+def test_exit_codes_come_from_one_table(capsys):
+    from launch import exits
+    from launch.cluster import ClusterTooSmall
+    from launch.supervisor import RestartsExhausted, StopRequested
+
+    def raising(err):
+        def job():
+            raise err
+        return job
+
+    assert exits.run_job(lambda: None) == exits.OK == 0
+    assert exits.run_job(raising(ConfigError("model.path: bad"))) == exits.UNUSABLE == 2
+    assert exits.run_job(raising(ClusterTooSmall("GPU: need 2"))) == exits.UNUSABLE
+    assert exits.run_job(raising(RestartsExhausted("after 3 restarts"))) == exits.FAILED == 1
+    assert exits.run_job(raising(StopRequested("SIGTERM: stopped after step 3"))) == exits.STOPPED == 75
+    out = capsys.readouterr()
+    assert "error: model.path: bad" in out.err and "error: after 3 restarts" in out.err and "SIGTERM" in out.out
+    with pytest.raises(ZeroDivisionError):  # a bug is not mapped to a code: its traceback is what helps
+        exits.run_job(raising(ZeroDivisionError()))
+
+
+def test_console_entry_points(tmp_path):
+    """`rlvr-train` and `rlvr-eval` ([project.scripts], installed by scripts/setup.sh) are the two entry points."""
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run([bin_dir / "rlvr-train", "--config", "toy_tiny_cpu.yaml", "--dry-run"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "path: builtin:tiny-qwen2" in done.stdout, done.stderr
+    for cmd in (["rlvr-train", "--config", "toy_tiny_cpu.yaml"], ["rlvr-eval", "--config", "toy_tiny_cpu.yaml"]):
+        bad = subprocess.run([bin_dir / cmd[0], *cmd[1:], "rollout.temprature=0.5"], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert bad.returncode == 2 and "rollout.temprature: unknown key" in bad.stderr, (cmd, bad.stderr[-2000:])
 
 
 # ---- config -------------------------------------------------------------------------------------------------------

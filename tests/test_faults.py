@@ -135,9 +135,9 @@ def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
         procs.wait_for(lambda: procs.driver_in("train_step", "learner/group.py"), 120, what="a train step")
         pid = next(iter(procs.actor_pids("RolloutEngine")))
         os.kill(pid, signal.SIGSTOP)
-        procs.wait_for(lambda: procs.driver_in("sync", "launch/cluster.py"), 60, what="the weight sync")
+        procs.wait_for(lambda: procs.driver_in("sync", "launch/weights.py"), 60, what="the weight sync")
         time.sleep(1.0)
-        in_sync = procs.driver_in("sync", "launch/cluster.py")
+        in_sync = procs.driver_in("sync", "launch/weights.py")
         os.kill(pid, signal.SIGKILL)
         return pid, in_sync
 

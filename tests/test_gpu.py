@@ -23,9 +23,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import weight_sync
-from launch.config import GRPOConfig, LearnerConfig, RolloutConfig, load_config
+from core.config import GRPOConfig, LearnerConfig, RolloutConfig
+from launch.config import load_config
 from learner.group import LearnerGroup
-from reference import CLIP, LR, T, load, make_batch, reference_step, state, step_agreement
+from reference import CLIP, LR, T, full_state_dict, load, make_batch, reference_step, state, step_agreement
 from rollout.group import EngineGroup
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -259,9 +260,9 @@ def test_bf16_zero_step_against_fp32_reference(learner, tiny_model):
     samples = make_batch(0, n=8)
     ref_loss, ref_norm, ref_weights = reference_step(tiny_model, samples, DEVICE)
     m = learner.train_step(samples, T)
-    weights = learner.full_state_dict()
-    assert m["optimizer_steps"] == 1 and m["loss"] == pytest.approx(ref_loss, rel=0.02, abs=1e-3)
-    assert m["grad_norm"] == pytest.approx(ref_norm, rel=0.05)
+    weights = full_state_dict(learner)
+    assert m.optimizer_steps == 1 and m.loss == pytest.approx(ref_loss, rel=0.02, abs=1e-3)
+    assert m.grad_norm == pytest.approx(ref_norm, rel=0.05)
     agree, moved = step_agreement(state(load(tiny_model)), ref_weights, weights)
     assert moved > 1000 and agree / moved > 0.97, f"{agree}/{moved} weights stepped the reference's way"
 
@@ -284,7 +285,7 @@ def test_learner_broadcasts_into_the_engine(learner, qwen2_engine, tiny_model):
             groups = qwen2_engine.generate(prompts(tiny_model), 8, temperature=T, max_tokens=32)
             samples = [s for g in groups for s in g]
             assert all(s.weight_version == version for s in samples)
-            assert_bf16_close(logprob_gaps(samples, tiny_model, learner.full_state_dict()))
+            assert_bf16_close(logprob_gaps(samples, tiny_model, full_state_dict(learner)))
     finally:
         ray.get(learner.close_weight_group() + qwen2_engine.close_weight_group())
 
@@ -295,7 +296,8 @@ def test_engines_start_first_and_an_engine_killed_mid_sync_raises_in_time(ray_lo
     serves before the learner begins its setup (vLLM profiles the free memory of the whole GPU). Then the engine's
     process is killed with -9 while the learner broadcasts: the learner's sync raises TimeoutError within
     `timeouts.broadcast_s`, and does not hang."""
-    from launch.train import Faults, engines_first, start_actors, stop_actors
+    from launch.actors import engines_first, start_actors, stop_actors
+    from launch.supervisor import Faults
 
     cfg = load_config("gsm8k_qwen2.5_0.5b.yaml", [
         "model.path=builtin:tiny-qwen2", f"train.device={DEVICE}", "rollout.engines_first=true",

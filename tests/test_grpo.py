@@ -6,6 +6,7 @@ import torch
 
 from learner import grpo
 from learner.group import make_shards, reduce_metrics
+from learner.shards import RankSums
 from learner.worker import lr_multiplier
 from core.types import TrainSample
 
@@ -280,12 +281,12 @@ def test_reduce_metrics_weights_by_tokens():
     b = dict(base, peak_memory_bytes=3 * 2**29, tokens=30, clipped_tokens=3, ratio_sum=33.0, entropy_sum=30.0,
              loss=0.5, ratio_max=1.3, mismatch_sum=0.7, mismatch_tokens=20, mismatch_kl_sum=0.006,
              is_capped_tokens=0)  # 10 of its tokens had no pre-update logprob
-    m = reduce_metrics([a, b])
-    assert m["clip_frac"] == pytest.approx(0.1)
-    assert m["ratio_mean"] == pytest.approx(43 / 40)
-    assert m["entropy"] == pytest.approx(50 / 40)
-    assert m["loss"] == pytest.approx(0.75)
-    assert m["ratio_max"] == 1.3
-    assert m["logprob_mismatch"] == pytest.approx(1.2 / 30)
-    assert m["mismatch_kl"] == pytest.approx(0.008 / 40) and m["is_capped_frac"] == pytest.approx(1 / 40)
-    assert m["learner_peak_gib"] == 1.5  # the largest rank's
+    m = reduce_metrics([RankSums(**a), RankSums(**b)])
+    assert m.clip_frac == pytest.approx(0.1)
+    assert m.ratio_mean == pytest.approx(43 / 40)
+    assert m.entropy == pytest.approx(50 / 40)
+    assert m.loss == pytest.approx(0.75)
+    assert m.ratio_max == 1.3
+    assert m.logprob_mismatch == pytest.approx(1.2 / 30)
+    assert m.mismatch_kl == pytest.approx(0.008 / 40) and m.is_capped_frac == pytest.approx(1 / 40)
+    assert m.learner_peak_gib == 1.5  # the largest rank's

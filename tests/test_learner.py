@@ -6,11 +6,11 @@ import ray
 import torch
 
 from launch import checkpoint
-from launch.config import GRPOConfig, LearnerConfig
+from core.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
-from reference import CLIP, LR, T, load, make_batch, max_diff, plain_logprobs, reference_step, state, tis
+from reference import CLIP, LR, T, full_state_dict, load, make_batch, max_diff, plain_logprobs, reference_step, state, tis
 
 pytestmark = pytest.mark.integration
 
@@ -86,11 +86,11 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     samples = make_batch(0)
     ref_loss, ref_norm, ref_weights = reference_step(tiny_model, samples)
     m = group.train_step(samples, T)
-    assert m["optimizer_steps"] == 1 and m["train_tokens"] == sum(len(s.completion_ids) for s in samples)
-    assert m["loss"] == pytest.approx(ref_loss, abs=1e-5)
-    assert m["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert m.optimizer_steps == 1 and m.train_tokens == sum(len(s.completion_ids) for s in samples)
+    assert m.loss == pytest.approx(ref_loss, abs=1e-5)
+    assert m.grad_norm == pytest.approx(ref_norm, rel=1e-4)
     assert ref_norm > CLIP  # the clipping branch ran
-    weights = group.full_state_dict()
+    weights = full_state_dict(group)
     start = load(tiny_model).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
     # ...as plain torch does. Adam's first step is lr·g/|g|, so a gradient element near 0 turns the padded vs unpadded
@@ -110,8 +110,8 @@ def test_bf16_trains_fp32_weights_and_gradients(ray_local, tiny_model, stage):
         samples = make_batch(0)  # 2 micro-batches per rank
         ref_loss, ref_norm, _ = reference_step(tiny_model, samples)
         m = group.train_step(samples, T)
-        assert m["loss"] == pytest.approx(ref_loss, rel=0.05) and m["grad_norm"] == pytest.approx(ref_norm, rel=0.05)
-        weights = group.full_state_dict()
+        assert m.loss == pytest.approx(ref_loss, rel=0.05) and m.grad_norm == pytest.approx(ref_norm, rel=0.05)
+        weights = full_state_dict(group)
         assert {v.dtype for v in weights.values()} == {torch.float32}
         assert max_diff(weights, load(tiny_model).state_dict()) > 1e-4
     finally:
@@ -133,13 +133,13 @@ def test_zero3_kl_step_equals_plain_torch(ray_local, tiny_model):
             assert 0.45 * total < info["ref_params_local"] < 0.55 * total
         batches = [make_batch(8), make_batch(9)]
         first = group.train_step(batches[0], T)
-        assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
+        assert first.kl == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
         m = group.train_step(batches[1], T)
         ref_kl, ref_weights = reference_kl_steps(tiny_model, batches, beta)
-        assert ref_kl > 1e-4 and m["kl"] == pytest.approx(ref_kl, rel=1e-4)
+        assert ref_kl > 1e-4 and m.kl == pytest.approx(ref_kl, rel=1e-4)
         # Two Adam steps amplify float noise where gradients are near zero (2e-5 seen); a KL term dropped or scaled
         # by 0.9 moves the weights by 1.6e-3.
-        assert max_diff(group.full_state_dict(), ref_weights) < 1e-4
+        assert max_diff(full_state_dict(group), ref_weights) < 1e-4
     finally:
         group.shutdown()
 
@@ -149,11 +149,11 @@ def test_two_minibatches_recompute_old_logprobs_and_clip(ray_local, tiny_model):
     try:
         samples = make_batch(7, n=8)
         m = group.train_step(samples, T)
-        assert m["optimizer_steps"] == 2
-        assert m["ratio_max"] > 1.0 + 1e-4 or m["ratio_min"] < 1.0 - 1e-4  # the second step saw moved weights
+        assert m.optimizer_steps == 2
+        assert m.ratio_max > 1.0 + 1e-4 or m.ratio_min < 1.0 - 1e-4  # the second step saw moved weights
         # Two Adam steps amplify float noise where gradients are near zero (2.5e-5 seen with transformers 5.19);
         # old logprobs taken from the current weights instead of the initial ones move the weights by 1.6e-3.
-        assert max_diff(group.full_state_dict(), reference_two_minibatches(tiny_model, samples)) < 1e-4
+        assert max_diff(full_state_dict(group), reference_two_minibatches(tiny_model, samples)) < 1e-4
     finally:
         group.shutdown()
 
@@ -164,9 +164,9 @@ def test_save_load_resumes_exactly_and_survives_a_crash_mid_save(zero2, tmp_path
     good = checkpoint.commit(first, 1, {"step": 1}, keep=2)
 
     batch_a, batch_b = make_batch(1), make_batch(2)
-    loss_a = zero2.train_step(batch_a, T)["loss"]
-    loss_b = zero2.train_step(batch_b, T)["loss"]
-    weights_b = zero2.full_state_dict()
+    loss_a = zero2.train_step(batch_a, T).loss
+    loss_b = zero2.train_step(batch_b, T).loss
+    weights_b = full_state_dict(zero2)
 
     # A crash in the middle of the next save: shards written, trainer state never committed.
     tmp = checkpoint.begin(tmp_path, 3)
@@ -178,9 +178,9 @@ def test_save_load_resumes_exactly_and_survives_a_crash_mid_save(zero2, tmp_path
     assert checkpoint.latest_checkpoint(tmp_path) == good
 
     zero2.load(str(good))  # back to the state after the first save: replay the same two batches
-    assert zero2.train_step(batch_a, T)["loss"] == pytest.approx(loss_a, abs=1e-7)
-    assert zero2.train_step(batch_b, T)["loss"] == pytest.approx(loss_b, abs=1e-7)
-    assert max_diff(zero2.full_state_dict(), weights_b) == 0.0
+    assert zero2.train_step(batch_a, T).loss == pytest.approx(loss_a, abs=1e-7)
+    assert zero2.train_step(batch_b, T).loss == pytest.approx(loss_b, abs=1e-7)
+    assert max_diff(full_state_dict(zero2), weights_b) == 0.0
 
     checkpoint.commit(checkpoint.begin(tmp_path, 4), 4, {"step": 4}, keep=1)  # a later save clears the debris
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000004"]
@@ -204,7 +204,7 @@ def test_broadcast_is_bit_identical(group_name, request):
     ray.get(group.open_weight_group("gloo", "127.0.0.1", port, 2, 60))
     stats = ray.get(group.broadcast_weights(5))
     t.join()
-    full, got = group.full_state_dict(), got["weights"]
+    full, got = full_state_dict(group), got["weights"]
     assert stats[0]["bytes"] == sum(b.nbytes for b in plan)
     assert set(got) == set(full) - {"lm_head.weight"}  # the tied lm_head travels once, as the embedding
     assert all(torch.equal(got[k], full[k]) for k in got)
@@ -219,7 +219,7 @@ def test_broadcast_into_live_engines_matches_learner(zero2, engines, tiny_model)
             engines.open_weight_group("gloo", host, port, world, 60, plan))
     ray.get(zero2.broadcast_weights(11) + engines.receive_weights(11))
     model = load(tiny_model)
-    model.load_state_dict(zero2.full_state_dict())
+    model.load_state_dict(full_state_dict(zero2))
     groups = engines.generate([[5, 6, 7, 8], [40, 41]], 4, temperature=T, max_tokens=12)
     for s in [s for g in groups for s in g]:
         assert s.weight_version == 11
@@ -231,18 +231,18 @@ def test_broadcast_into_live_engines_matches_learner(zero2, engines, tiny_model)
 
 
 def test_nonfinite_loss_skips_the_step_then_aborts(zero2):
-    before = zero2.full_state_dict()
+    before = full_state_dict(zero2)
     bad = [TrainSample(s.prompt_ids, s.completion_ids, s.logprobs, float("nan")) for s in make_batch(4)]
     m = zero2.train_step(bad, T)
-    assert m["optimizer_steps"] == 0 and m["skipped_steps"] == 1 and m["nonfinite_microbatches"] >= 1
-    assert max_diff(zero2.full_state_dict(), before) == 0.0
+    assert m.optimizer_steps == 0 and m.skipped_steps == 1 and m.nonfinite_microbatches >= 1
+    assert max_diff(full_state_dict(zero2), before) == 0.0
     with pytest.raises(FloatingPointError, match="2 steps in a row"):
         zero2.train_step(bad, T)
-    assert zero2.train_step(make_batch(5), T)["optimizer_steps"] == 1  # still usable, streak reset
+    assert zero2.train_step(make_batch(5), T).optimizer_steps == 1  # still usable, streak reset
 
 
 def test_export_hf_loads_in_transformers(zero3, tmp_path, tiny_model):
     path = zero3.export_hf(str(tmp_path / "hf"))
     model = load(path)
-    assert max_diff(model.state_dict(), zero3.full_state_dict()) == 0.0
+    assert max_diff(model.state_dict(), full_state_dict(zero3)) == 0.0
     assert model.config.use_cache  # ready for generate(), not left in its training setting

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from launch.config import GRPOConfig
-from launch.batch import build_batch, score, step_row
+from core.config import GRPOConfig
+from launch.batch import Rollout, build_batch, score, step_row
 from launch.data import Example
 from rewards import Scorer
 from core.types import Sample
@@ -36,7 +36,8 @@ def test_score_build_batch_and_row():
     unfiltered, n_filtered = build_batch(groups, rewards, GRPOConfig(filter_groups=False))
     assert n_filtered == 1 and len(unfiltered) == 8 and all(s.advantage == 0 for s in unfiltered[4:])
 
-    row = step_row(groups, rewards, details, filtered, {}, {"generate": 2.0}, 2)
+    ro = Rollout([0, 1, 2], groups, rewards, details, batch, filtered, {}, {"generate": 2.0})
+    row = step_row(ro, None, 2)
     assert row["reward"] == pytest.approx((2.6 + 0.8) / 8)  # the dropped prompt does not pull the mean down
     assert row["accuracy"] == pytest.approx(2 / 8) and row["dropped_prompts"] == 1
     assert row["completion_len"] == pytest.approx((1 + 2 + 3 + 4) * 2 / 8)

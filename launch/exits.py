@@ -1,0 +1,52 @@
+"""The exit codes of the entry points (`launch/gsm8k.py`, `launch/evaluate.py`), in one table.
+
+    0   done (or stopped by train.stop_after)
+    1   failed: an error that restarts could not fix, with its message
+    2   the config, the model, the cluster or the output dir cannot be used: nothing was trained
+    75  stopped by SIGTERM or SIGINT (`ray job stop`, a preempted node) after writing a checkpoint: submit the same
+        command again to continue (sysexits EX_TEMPFAIL)
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+OK, FAILED, UNUSABLE, STOPPED = 0, 1, 2, 75
+
+
+def unusable() -> tuple[type, ...]:
+    """Errors that mean the job could not start as asked (exit 2)."""
+    from launch.cluster import ClusterTooSmall
+    from launch.config import ConfigError
+    from launch.outputs import OutputDirLocked
+
+    return ConfigError, ClusterTooSmall, FileNotFoundError, FileExistsError, OutputDirLocked
+
+
+def failures() -> tuple[type, ...]:
+    """Errors that ended a job that had started (exit 1), with a message that says why."""
+    from launch.checkpoint import CheckpointNotShared
+    from launch.supervisor import RestartsExhausted
+    from rewards import RewardFailed
+    from rollout.group import EngineRestartsExhausted
+
+    return RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, RewardFailed
+
+
+def run_job(job: Callable[[], object]) -> int:
+    """Run `job` and map how it ended to the table above, printing the error in one message (no traceback for the
+    errors the table names)."""
+    from launch.supervisor import StopRequested
+
+    try:
+        job()
+    except unusable() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return UNUSABLE
+    except StopRequested as err:
+        print(f"[rlvr] {err}", flush=True)
+        return STOPPED
+    except failures() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return FAILED
+    return OK

@@ -1,0 +1,125 @@
+"""The supervisor: the whole job's faults, its stop signals and its in-job restarts. `supervise` runs one attempt
+of the job after another: when the machinery fails (an actor dies or hangs, a collective breaks), the attempt's
+actors are gone and the next resumes from the latest complete checkpoint, up to train.max_restarts times."""
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
+
+from core.waits import ActorFault
+from launch import checkpoint
+from launch.config import Config, dump_config
+from launch.outputs import OutputLock
+
+log = logging.getLogger("rlvr")
+
+# Failures of the machinery, not of the config or the math: the job restarts from its checkpoint (train.max_restarts).
+INFRA_FAULTS = (ActorFault, TimeoutError, torch.distributed.DistError, RayActorError, ActorUnavailableError,
+                ObjectLostError, NodeDiedError, RaySystemError)
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT reached the job, which stopped at a step boundary after writing a checkpoint."""
+
+
+class RestartsExhausted(RuntimeError):
+    """The machinery failed again after train.max_restarts in-job restarts."""
+
+
+@dataclass
+class Faults:
+    """What went wrong over the whole job, across its in-job restarts."""
+
+    job_restarts: int = 0
+    steps_recomputed: int = 0
+    engine_restarts: int = 0  # engines replaced in earlier attempts (the current EngineGroup counts its own)
+    last_step: int = 0  # the last step logged
+    failed_at: float | None = None  # when the last in-job restart began (monotonic)
+    recover_seconds: float | None = None  # failure → actors up and the checkpoint loaded, reported once
+    seen: tuple[int, int] = (0, 0)  # the current attempt's engine restarts and replacement checks already logged
+
+    def recovered(self) -> None:
+        """The attempt after a failure has its actors up and its checkpoint loaded."""
+        if self.failed_at is not None:
+            self.recover_seconds, self.failed_at = time.monotonic() - self.failed_at, None
+            log.warning(f"recovered in {self.recover_seconds:.1f}s (in-job restart {self.job_restarts})")
+
+    def row(self, engines, channel) -> dict:
+        """Restart counters (whole job) and the recoveries ended since the last row (a replacement still recovering
+        in the rollout thread waits for the next row): their seconds, how replacements checked out against the
+        learner ("numbers", for every sink), and each replacement's record (metrics.jsonl only)."""
+        new = list(itertools.takewhile(lambda r: "seconds" in r, engines.restarts[self.seen[0]:]))
+        checks = channel.checks[self.seen[1]:]
+        self.seen = (self.seen[0] + len(new), self.seen[1] + len(checks))
+        numbers = {"engine_restarts": self.engine_restarts + len(engines.restarts), "job_restarts": self.job_restarts,
+                   "steps_recomputed": self.steps_recomputed,
+                   "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
+        if self.recover_seconds is not None:
+            numbers["job_recover_seconds"], self.recover_seconds = self.recover_seconds, None
+        if checks:
+            numbers["replacement_greedy_match"] = float(all(c["greedy_match"] for c in checks))
+            numbers["replacement_max_abs_logprob_diff"] = max(c["max_abs_logprob_diff"] for c in checks)
+        out = {"numbers": numbers}
+        if new:
+            out["restarts"] = [{k: v for k, v in r.items() if k != "start"} for r in new]
+        if checks:
+            out["replacement_checks"] = checks
+        return out
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (`ray job stop`, a preempted node, Ctrl-C) only raise a flag; the loop writes a checkpoint
+    at the end of the step and exits with EXIT_STOPPED. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(f"{self.requested} received: stopping after this step, with a checkpoint")
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def supervise(cfg: Config, out: Path, attempt: Callable[[StopSignals, Faults], dict]) -> dict:
+    """Hold the output dir, catch the stop signals, and run `attempt` until it returns; after a failure of the
+    machinery, run it again (it resumes from the latest checkpoint): at most ckpt.every steps are computed again per
+    restart."""
+    faults = Faults()
+    with OutputLock(out), StopSignals() as stop:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        while True:
+            try:
+                return attempt(stop, faults)
+            except INFRA_FAULTS as err:
+                latest = checkpoint.latest_checkpoint(out)
+                resume_step = checkpoint.read_state(latest)["step"] if latest else 0
+                if faults.job_restarts >= cfg.train.max_restarts:
+                    raise RestartsExhausted(f"{type(err).__name__}: {err}\nafter {faults.job_restarts} in-job "
+                                            f"restart(s) (train.max_restarts={cfg.train.max_restarts})") from err
+                redo = faults.last_step + 1 - resume_step  # the steps done since the checkpoint and the one in flight
+                faults.job_restarts, faults.steps_recomputed = faults.job_restarts + 1, faults.steps_recomputed + redo
+                faults.failed_at, faults.seen = time.monotonic(), (0, 0)
+                log.warning(f"{type(err).__name__}: {err}\nrestart {faults.job_restarts}/{cfg.train.max_restarts}: "
+                            f"every actor torn down; resuming from {latest.name if latest else 'the start'}: steps "
+                            f"{resume_step + 1}-{faults.last_step + 1} are computed again")
