@@ -80,7 +80,8 @@ def test_a_run_stopped_two_ways_resumes_each_time_also_after_a_code_edit(head, u
     shutil.copytree(ROOT, code_dir, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "gpu_kit",
                                                                   "*.egg-info", ".pytest_cache"))
     env = {"HOME": str(home), "RLVR_CACHE": str(cache_dir())}
-    args, out = [f"train.steps={STEPS}", "train.output_dir=runs/relative"], home / "rlvr" / "runs" / "relative"
+    args = [f"train.steps={STEPS}", "train.output_dir=runs/relative", "eval.every=0", "ckpt.export_hf=false"]
+    out = home / "rlvr" / "runs" / "relative"
     full_rows = train_rows(uninterrupted[0])
 
     code, log = submit(head, *args, "train.stop_after=7", working_dir=code_dir, env=env)
@@ -140,11 +141,12 @@ def test_one_step_off_pipeline_learns_one_update_behind(one_step_off, uninterrup
 
 
 def test_one_step_off_resume_continues_the_same_data_order(head, one_step_off, tmp_path):
-    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}", "train.pipeline=one_step_off",
-                       "train.stop_after=7")
+    args = [f"train.steps={STEPS}", f"train.output_dir={tmp_path}", "train.pipeline=one_step_off", "eval.every=0",
+            "ckpt.export_hf=false"]
+    code, log = submit(head, *args, "train.stop_after=7")
     assert code == 0, log[-4000:]
     assert latest_checkpoint(tmp_path).name == "step-000007"
-    code, log = submit(head, f"train.steps={STEPS}", f"train.output_dir={tmp_path}", "train.pipeline=one_step_off")
+    code, log = submit(head, *args)
     assert code == 0 and "at step 7" in log, log[-4000:]
     rows = train_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -214,7 +216,7 @@ def test_user_reward_from_a_file_reaches_metrics_and_its_failures_are_counted(he
     reward_file.write_text(USER_REWARD)
     code, log = submit(head, "train.steps=3", f"train.output_dir={tmp_path / 'out'}",
                        f"task.functions.mine={reward_file}:digits", "rewards.mine=1.0", "task.reward_timeout_s=1",
-                       "task.reward_max_failures=1000", "ckpt.export_hf=false")
+                       "task.reward_max_failures=1000", "ckpt.export_hf=false", "eval.num_examples=8")
     assert code == 0, log[-3000:]
     rows = train_rows(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2, 3]
