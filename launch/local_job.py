@@ -122,11 +122,8 @@ class LocalHead:
             return int(code.group(1)), text
         return (0 if proc.returncode == 0 else 1), text
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the head's process group (only the processes this head started), SIGKILL what remains. By then
-        the job has ended (it is stopped first and its checkpoint written): what is left to stop holds no state of
-        ours, and the `ray start --block` process, the raylet and the autoscaler monitor take ~20 s to leave on
-        SIGTERM alone, so the grace is short."""
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the head's process group (only the processes this head started), SIGKILL what remains."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: the head leads its own group
