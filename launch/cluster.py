@@ -7,15 +7,12 @@ with the shortfall named, instead of waiting forever on a pending placement grou
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-
-log = logging.getLogger("rlvr.cluster")
 PLACEMENT_TIMEOUT_S = 60.0
 
 

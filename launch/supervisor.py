@@ -45,7 +45,6 @@ class Faults:
     last_step: int = 0  # the last step logged
     failed_at: float | None = None  # when the last in-job restart began (monotonic)
     recover_seconds: float | None = None  # failure → actors up and the checkpoint loaded, reported once
-    seen: tuple[int, int] = (0, 0)  # the current attempt's engine restarts and replacement checks already logged
 
     def recovered(self) -> None:
         """The attempt after a failure has its actors up and its checkpoint loaded."""
@@ -53,13 +52,14 @@ class Faults:
             self.recover_seconds, self.failed_at = time.monotonic() - self.failed_at, None
             log.warning(f"recovered in {self.recover_seconds:.1f}s (in-job restart {self.job_restarts})")
 
-    def row(self, engines, channel) -> dict:
-        """Restart counters (whole job) and the recoveries ended since the last row (a replacement still recovering
-        in the rollout thread waits for the next row): their seconds, how replacements checked out against the
-        learner ("numbers", for every sink), and each replacement's record (metrics.jsonl only)."""
-        new = list(itertools.takewhile(lambda r: "seconds" in r, engines.restarts[self.seen[0]:]))
-        checks = channel.checks[self.seen[1]:]
-        self.seen = (self.seen[0] + len(new), self.seen[1] + len(checks))
+    def row(self, engines, channel, seen: list[int]) -> dict:
+        """Restart counters (whole job) and the recoveries ended since the last row (`seen` counts the attempt's
+        engine restarts and replacement checks already logged; a replacement still recovering in the rollout thread
+        waits for the next row): their seconds, how replacements checked out against the learner ("numbers", for
+        every sink), and each replacement's record (metrics.jsonl only)."""
+        new = list(itertools.takewhile(lambda r: "seconds" in r, engines.restarts[seen[0]:]))
+        checks = channel.checks[seen[1]:]
+        seen[0], seen[1] = seen[0] + len(new), seen[1] + len(checks)
         numbers = {"engine_restarts": self.engine_restarts + len(engines.restarts), "job_restarts": self.job_restarts,
                    "steps_recomputed": self.steps_recomputed,
                    "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
@@ -78,7 +78,7 @@ class Faults:
 
 class StopSignals:
     """SIGTERM and SIGINT (`ray job stop`, a preempted node, Ctrl-C) only raise a flag; the loop writes a checkpoint
-    at the end of the step and exits with EXIT_STOPPED. A second SIGINT interrupts at once."""
+    at the end of the step and exits with `launch.exits.STOPPED`. A second SIGINT interrupts at once."""
 
     def __init__(self):
         self.requested: str | None = None
@@ -119,7 +119,7 @@ def supervise(cfg: Config, out: Path, attempt: Callable[[StopSignals, Faults], d
                                             f"restart(s) (train.max_restarts={cfg.train.max_restarts})") from err
                 redo = faults.last_step + 1 - resume_step  # the steps done since the checkpoint and the one in flight
                 faults.job_restarts, faults.steps_recomputed = faults.job_restarts + 1, faults.steps_recomputed + redo
-                faults.failed_at, faults.seen = time.monotonic(), (0, 0)
+                faults.failed_at = time.monotonic()
                 log.warning(f"{type(err).__name__}: {err}\nrestart {faults.job_restarts}/{cfg.train.max_restarts}: "
                             f"every actor torn down; resuming from {latest.name if latest else 'the start'}: steps "
                             f"{resume_step + 1}-{faults.last_step + 1} are computed again")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.models import resolve_model
@@ -56,6 +56,7 @@ class Job:
     scorer: Scorer
     train_set: PromptSet
     eval_sets: list[PromptSet]
+    logged: list[int] = field(default_factory=lambda: [0, 0])  # the engine restarts and replacement checks logged so far
 
 
 def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
@@ -156,7 +157,7 @@ def rollout_source(job: Job, order: PromptOrder) -> Synchronous:
 
 def log_step(job: Job, step: int, ro: Rollout, row: dict, timer: StepTimer, progress: Progress) -> None:
     """The step's row to every metrics sink (with its faults and timings), its lines to the console."""
-    faulted = job.faults.row(job.actors.engines, job.actors.channel)
+    faulted = job.faults.row(job.actors.engines, job.actors.channel, job.logged)
     row.update(timer.report(), **faulted.pop("numbers"), **job.scorer.failures())
     job.metrics.log(step, row, extra={"batch_ids": [job.train_set.examples[i].idx for i in ro.batch_ids], **faulted})
     job.faults.last_step = step

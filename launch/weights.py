@@ -27,8 +27,8 @@ class WeightChannel:
     (`EngineGroup.restart`); the group is then closed on every member and a new one opened over the new membership
     on a fresh port, and the weights are sent again. Rollouts generate through `generate`, which does the same for
     an engine replaced while generating (`EnginesReplaced`). Each replacement is then checked against the learner
-    (`verify`). A learner rank
-    that fails is not handled here: it raises `ActorFault`, and the driver restarts the job from its checkpoint.
+    (`verify`). A learner rank that fails is not handled here: it raises `ActorFault`, and the driver restarts the
+    job from its checkpoint.
     """
 
     GRACE_S = 30.0  # beyond the group's own timeout, for the calls to come back
