@@ -56,7 +56,7 @@ class Job:
     scorer: Scorer
     train_set: PromptSet
     eval_sets: list[PromptSet]
-    logged: list[int] = field(default_factory=lambda: [0, 0])  # the engine restarts and replacement checks logged so far
+    logged: list[int] = field(default_factory=lambda: [0, 0])  # engine restarts, replacement checks logged
 
 
 def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, wall: float) -> dict:
