@@ -12,8 +12,13 @@
    hidden 256, 4 layers), same batch: chunking recomputes the output head in backward, so it costs time here.
 3. At the small bench model (vocabulary 512, ~25M params): GRPO training tokens/s, and the weight broadcast from
    rank 0 (pack + send, receiver just receiving) ÷ one raw flat gloo broadcast of the same bytes.
+4. `learner.layout` on GSM8K-shaped work (prompts of 170 tokens, completions of 40-128, groups of 8 and of 16, the
+   CPU default's model SmolLM2-135M, gradient checkpointing as its preset): completion tokens/s of a train step
+   (forward+backward+optimizer, best of --steps after a warm-up) and peak memory, a fresh learner per layout
+   (on CPU the peak is the process's RSS high-water mark): padded (a row per sample: each prompt once per sample),
+   shared (each prompt once per micro-batch), packed (one row per micro-batch), and the ratios to padded.
 
-    .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32]
+    .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32] [--part layouts]
 """
 import argparse
 import json
@@ -37,7 +42,8 @@ QWEN_VOCAB = 151_936
 
 
 class BaselineWorker(LearnerWorker):
-    """The learner before chunking: the whole [B, C, V] logits, log-softmax and entropy over them in fp32."""
+    """The learner before chunking: the whole [B, C, V] logits, log-softmax and entropy over them in fp32 (rows
+    padded: parts 1 and 2 compare chunking alone, both sides with `learner.layout: padded`)."""
 
     def _logits(self, model, batch) -> torch.Tensor:
         C = batch["mask"].shape[1]
@@ -87,6 +93,7 @@ def one_microbatch_memory(which: str, model_path: str, samples: int, prompt_len:
     worker = BaselineWorker.__new__(BaselineWorker)  # its _collate and both logprob paths, without DeepSpeed
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     worker.pad_id, worker.device, worker.chunk = 0, "cpu", grpo.chunk_positions(model.config.vocab_size)
+    worker.layout, worker.attention = "padded", "sdpa"
     batch = worker._collate(make_batch(samples, prompt_len, completion_len))
     base = resident_kib()
     if which == "before":  # in the order train_step had: logits alive through backward, entropy after it
@@ -132,6 +139,42 @@ def train_tokens_per_s(model: str, cfg: LearnerConfig, batch: list[TrainSample],
     return sum(len(s.completion_ids) for s in batch) / min(seconds), learners, m
 
 
+def layout_rates(args) -> None:
+    from core.models import resolve_model
+    from reference import gsm8k_shaped
+
+    model = resolve_model(args.layout_model)
+    micro = args.layout_samples
+    print(f"learner.layout, {args.layout_model}: {args.layout_samples} samples per step in one micro-batch, prompts "
+          f"of {args.layout_prompt_len}, completions {args.layout_shortest}-{args.layout_longest} tokens; "
+          f"{args.ranks} rank(s) × {args.threads} thread(s), ZeRO-{args.zero}, fp32, gradient checkpointing "
+          f"{'on' if args.layout_checkpointing else 'off'}, best of {args.steps} after a warm-up", flush=True)
+    for n in args.groups_of:
+        batch = gsm8k_shaped(args.layout_samples // n, n, args.layout_prompt_len, args.layout_shortest,
+                             args.layout_longest)
+        tokens = sum(len(s.completion_ids) for s in batch)
+        got = {}
+        for layout in ("padded", "shared", "packed") if micro > n else ("padded", "shared"):
+            cfg = LearnerConfig(num_workers=args.ranks, threads=args.threads, zero_stage=args.zero, lr=1e-6,
+                                micro_batch_size=micro, gradient_checkpointing=args.layout_checkpointing,
+                                layout=layout)
+            learners = LearnerGroup(model, "cpu", cfg, GRPOConfig(), total_steps=100).ready()
+            assert learners.infos[0]["layout"] == layout, learners.infos[0]
+            learners.train_step(batch, 1.0)  # warm-up
+            seconds, peak = [], 0.0
+            for _ in range(args.steps):
+                m = learners.train_step(batch, 1.0)
+                seconds.append(m.train_seconds)
+                peak = max(peak, m.learner_peak_gib)
+            learners.shutdown()
+            got[layout] = (tokens / min(seconds), peak, m.loss)
+        line = ", ".join(f"{k} {rate:.0f} tok/s (peak {peak:.2f} GiB)" for k, (rate, peak, _) in got.items())
+        ratios = ", ".join(f"{k} ÷ padded {got[k][0] / got['padded'][0]:.2f}×" for k in got if k != "padded")
+        losses = " = ".join(f"{loss:+.6f}" for _, _, loss in got.values())
+        print(f"  groups of {n:>2} ({len(batch) // n} prompt(s), {tokens} completion tokens): {line}; {ratios}; "
+              f"losses {losses}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=1)
@@ -143,17 +186,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--memory-completion-len", type=int, default=256)
+    ap.add_argument("--part", choices=["all", "layouts"], default="all")
+    ap.add_argument("--layout-model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--layout-samples", type=int, default=16, help="per step, all in one micro-batch")
+    ap.add_argument("--groups-of", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--layout-prompt-len", type=int, default=170)
+    ap.add_argument("--layout-shortest", type=int, default=40)
+    ap.add_argument("--layout-longest", type=int, default=128)
+    ap.add_argument("--layout-checkpointing", type=int, default=1, choices=[0, 1])
     ap.add_argument("--one-microbatch", nargs=3, metavar=("WHICH", "MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_microbatch:
         which, model, shape = args.one_microbatch
         print(json.dumps(one_microbatch_memory(which, model, **json.loads(shape))))
         return
+    common.start_ray(num_cpus=max(4, args.ranks + 1))
+    layout_rates(args)
+    if args.part == "layouts":
+        ray.shutdown()
+        return
     memory_before_after(args)
 
-    common.start_ray(num_cpus=max(4, args.ranks + 1))
     cfg = LearnerConfig(num_workers=args.ranks, threads=args.threads, zero_stage=args.zero, lr=1e-5,
-                        micro_batch_size=8, bucket_mb=args.bucket_mb)
+                        micro_batch_size=8, bucket_mb=args.bucket_mb, layout="padded")
     wide = wide_vocab_model(hidden=256, layers=4)
     wide_batch = make_batch(16, args.prompt_len, args.completion_len)
     rates = {}

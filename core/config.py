@@ -53,6 +53,10 @@ class LearnerConfig(Strict):
     micro_batch_size: int = Field(4, ge=1)  # sequences per forward/backward on one rank
     minibatches_per_step: int = Field(1, ge=1)  # optimizer steps per rollout batch
     gradient_checkpointing: bool = False
+    # How a micro-batch becomes the model's rows: padded (a row per sample), shared (a row per prompt: the prompt
+    # once, its samples' completions after it under a 4D mask), packed (one row per micro-batch); auto: per device
+    # by measurement (learner/layout.py). shared and packed need SDPA or eager attention, else padded is used.
+    layout: Literal["auto", "padded", "shared", "packed"] = "auto"
     max_nonfinite_steps: int = Field(3, ge=1)  # abort after this many steps in a row with a NaN/inf loss
     bucket_mb: int = Field(256, ge=1)  # weight broadcast bucket size
 

@@ -78,8 +78,10 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
             log.warning("train.pipeline: one_step_off samples from weights one update behind the learner, and "
                         "grpo.importance: off leaves that gap uncorrected")
         actors.connect(cfg, device, train_set.ids[0])
+        info = actors.learners.infos[0]
+        layout = info["layout"] + (f" ({info['layout_note']})" if info["layout_note"] else "")
         log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(actors.channel.plan)} bucket(s), "
-                 f"{actors.channel.bytes / 2**20:.1f} MiB")
+                 f"{actors.channel.bytes / 2**20:.1f} MiB; learner layout {layout}")
         start, order = restore(cfg, actors, resume_from, len(train_set.ids))
         faults.recovered()
         metrics = MetricsLog(out, cfg, start)

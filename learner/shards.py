@@ -13,8 +13,10 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
                 temperature: float, max_tokens: int = 0) -> list[TrainShard]:
     """Split a rollout batch into `minibatches` consecutive minibatches, each spread over the ranks by token count.
 
-    Every rank makes the same number of micro-batch passes per minibatch (empty ones where it has fewer samples),
-    which DeepSpeed's collectives need; the global token/sequence counts make the loss independent of the split.
+    The unit spread is a prompt's samples, up to a micro-batch of them, so that a micro-batch holds whole pieces of
+    groups and computes each prompt once (`learner.layout`). Every rank makes the same number of micro-batch passes
+    per minibatch (empty ones where it has fewer samples), which DeepSpeed's collectives need; the global
+    token/sequence counts make the loss independent of the split.
     """
     if not samples:
         raise ValueError("make_shards: no samples")
@@ -24,13 +26,24 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
     tokens, seqs, micro = [], [], []
     for k in range(minibatches):
         mb = samples[k * size:(k + 1) * size]
-        parts = split_balanced([s.num_tokens for s in mb], world_size)
+        pieces = prompt_pieces(mb, micro_batch_size)
+        parts = split_balanced([len(p[0].prompt_ids) + sum(len(s.completion_ids) for s in p) for p in pieces],
+                               world_size)
+        parts = [[s for i in part for s in pieces[i]] for part in parts]
         for r, part in enumerate(parts):
-            per_rank[r].append([mb[i] for i in part])
+            per_rank[r].append(part)
         tokens.append(sum(len(s.completion_ids) for s in mb))
         seqs.append(len(mb))
         micro.append(max(1, max(math.ceil(len(p) / micro_batch_size) for p in parts)))
     return [TrainShard(per_rank[r], tokens, seqs, micro, temperature, max_tokens) for r in range(world_size)]
+
+
+def prompt_pieces(samples: list[TrainSample], size: int) -> list[list[TrainSample]]:
+    """The samples by prompt (in order of first appearance), each prompt's cut into pieces of at most `size`."""
+    by_prompt: dict[tuple, list[TrainSample]] = {}
+    for s in samples:
+        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
+    return [group[i:i + size] for group in by_prompt.values() for i in range(0, len(group), size)]
 
 
 @dataclass

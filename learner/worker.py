@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from learner import grpo
+from learner import grpo, layout as layouts
 from core import accel, patches, weight_sync
 from core.config import GRPOConfig, LearnerConfig
 from core.types import TrainSample, TrainShard
@@ -130,6 +130,8 @@ class LearnerWorker:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        self.attention = model.config._attn_implementation
+        self.layout, layout_note = layouts.choose(cfg.layout, device, self.attention)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                       weight_decay=cfg.weight_decay)
@@ -154,6 +156,7 @@ class LearnerWorker:
         self.pack_buffers = None
         return {"rank": self.rank, "pid": os.getpid(), "node": node_address(), "started_at": started_at,
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
+                "layout": self.layout, "layout_note": layout_note,
                 "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local,
                 "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
                 "grad_accum_dtype": str(self.engine.get_data_types()[1]).removeprefix("torch.")}
@@ -164,31 +167,23 @@ class LearnerWorker:
 
     # ---- one rollout batch → optimizer steps -------------------------------------------------------------------
 
-    def _collate(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
-        """Prompts left-padded to a common length P, completions right-padded to C, so every completion starts at
-        column P and logits are needed only for the last C+1 positions."""
+    def _collate(self, samples: list[TrainSample], layout: str | None = None) -> dict[str, torch.Tensor]:
+        """The model's rows for these samples in `self.layout` (`learner.layout`), and per sample [B, C]: the loss
+        mask, the engine's logprobs and the advantage."""
         if not samples:  # an empty micro-batch keeps every rank's collective count equal
             samples = [TrainSample([self.pad_id], [self.pad_id], [0.0], 0.0)]
             empty = True
         else:
             empty = False
-        P = max(len(s.prompt_ids) for s in samples)
-        C = max(len(s.completion_ids) for s in samples)
-        B = len(samples)
-        ids = torch.full((B, P + C), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P + C), dtype=torch.long)
-        mask = torch.zeros((B, C))
-        vllm_lp = torch.zeros((B, C))
+        batch = layouts.rows(samples, layout or self.layout, self.pad_id, self.attention)
+        B, C = batch["targets"].shape
+        batch["mask"] = torch.zeros((B, C))
+        batch["vllm_lp"] = torch.zeros((B, C))
         for i, s in enumerate(samples):
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            ids[i, P - p:P] = torch.tensor(s.prompt_ids)
-            ids[i, P:P + c] = torch.tensor(s.completion_ids)
-            attn[i, P - p:P + c] = 1
-            mask[i, :c] = 0.0 if empty else 1.0
-            vllm_lp[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:c])
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-        batch = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, mask=mask, vllm_lp=vllm_lp, adv=adv)
+            c = len(s.completion_ids)
+            batch["mask"][i, :c] = 0.0 if empty else 1.0
+            batch["vllm_lp"][i, :len(s.logprobs)] = torch.tensor(s.logprobs[:c])
+        batch["adv"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         return {k: v.to(self._dev) for k, v in batch.items()}
 
     def _completion_logprobs(self, model, batch, temperature: float,
@@ -196,35 +191,36 @@ class LearnerWorker:
         """Logprobs [B, C] of the completion tokens under softmax(logits / T), and their entropies if asked.
 
         No [B, C, V] logits are ever made: for one forward, the model's output head returns these logprobs instead
-        of logits, computed a chunk of positions at a time from its input (`grpo.chunked_logprobs`). Doing it inside
+        of logits, computed a chunk of positions at a time from the hidden states of the positions that predict the
+        completion tokens (`batch["predictors"]`, whatever the layout; `grpo.chunked_logprobs`). Doing it inside
         the head's own forward keeps ZeRO-3 right (DeepSpeed gathers a partitioned head weight, tied or not, around
         that module's forward and backward only) and makes the logprobs the output that DeepSpeed's engine hooks.
         """
         module = getattr(model, "module", model)  # a DeepSpeed engine or a plain model
         head = module.get_output_embeddings()
-        C = batch["mask"].shape[1]
-        targets = batch["input_ids"][:, -C:]
         plain_head = functools.partial(type(head).forward, head)
         entropy = {}
 
-        def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:  # hidden [B, C+1, H]: P-1+t predicts token t
-            lp, entropy["value"] = grpo.chunked_logprobs(hidden[:, :-1], plain_head, targets, temperature,
+        def logprobs_head(hidden: torch.Tensor) -> torch.Tensor:  # hidden [R, L, H] → the predicting positions
+            predicting = hidden.reshape(-1, hidden.shape[-1])[batch["predictors"]]  # [B, C, H]
+            lp, entropy["value"] = grpo.chunked_logprobs(predicting, plain_head, batch["targets"], temperature,
                                                          self.chunk, with_entropy)
             return lp
 
         head.forward = logprobs_head
         try:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
+                        position_ids=batch["position_ids"], use_cache=False)
         finally:
             del head.forward
         return out.logits, entropy["value"]
 
     @staticmethod
     def _chunks(samples: list[TrainSample], parts: int) -> list[list[TrainSample]]:
-        """`parts` micro-batches (some possibly empty), similar lengths together to cut padding; the loss does not
-        depend on the order because every share divides by the minibatch's global count."""
-        ordered = sorted(samples, key=lambda s: (len(s.prompt_ids), len(s.completion_ids)))
+        """`parts` micro-batches (some possibly empty): a prompt's samples together (they share its rows), similar
+        lengths together to cut padding; the loss does not depend on the order because every share divides by the
+        minibatch's global count."""
+        ordered = sorted(samples, key=lambda s: (len(s.prompt_ids), s.prompt_ids, len(s.completion_ids)))
         size = max(1, math.ceil(len(ordered) / parts)) if ordered else 1
         return [ordered[i * size:(i + 1) * size] for i in range(parts)]
 
@@ -382,7 +378,7 @@ class LearnerWorker:
         """The learner's logprobs of a completion and its greedy (argmax) token at each position, e.g. to check an
         engine's weights against the learner's. All ranks call it together (ZeRO-3 gathers in the forward)."""
         self.engine.eval()
-        batch = self._collate([TrainSample(prompt_ids, completion_ids, [0.0] * len(completion_ids), 0.0)])
+        batch = self._collate([TrainSample(prompt_ids, completion_ids, [0.0] * len(completion_ids), 0.0)], "padded")
         with torch.no_grad():
             lp, _ = self._completion_logprobs(self.engine, batch, temperature)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -111,7 +111,8 @@ def gpu_env(index: int) -> dict:
     return {"CUDA_VISIBLE_DEVICES": visible[index] if visible else str(index)}
 
 
-def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = "bfloat16") -> list[Proc]:
+def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = "bfloat16", micro: int = 4,
+                  layout: str = "auto") -> list[Proc]:
     """`ranks` LearnerWorker processes joined in one DeepSpeed group (CUDA: GPU r each, as device 0)."""
     from core import weight_sync
     from core.config import GRPOConfig, LearnerConfig
@@ -119,7 +120,7 @@ def learner_ranks(model: str, device: str, stage: int, ranks: int, dtype: str = 
     from reference import CLIP, LR
 
     cfg = LearnerConfig(num_workers=ranks, zero_stage=stage, lr=LR, betas=(0.9, 0.99), max_grad_norm=CLIP,
-                        micro_batch_size=4, bucket_mb=1)
+                        micro_batch_size=micro, bucket_mb=1, layout=layout)
     procs = []
     for r in range(ranks):
         env = worker_env(device, 1)
@@ -137,11 +138,11 @@ def check_zero_step(model: str, device: str, stage: int, ranks: int) -> dict:
     logprobs against transformers' full-vocabulary log softmax."""
     import torch
 
-    from reference import T, load, make_batch, plain_logprobs, reference_step, state, step_agreement
+    from reference import T, load, make_batch, make_groups, plain_logprobs, reference_step, state, step_agreement
 
     procs = learner_ranks(model, device, stage, ranks)
     try:
-        samples = make_batch(0, n=8)
+        samples = make_batch(0, n=8) + make_groups(0)  # distinct prompts, and groups that share theirs
         ref_loss, ref_norm, ref_weights = reference_step(model, samples, device)
         from learner.shards import make_shards
 
@@ -209,38 +210,43 @@ def check_weight_group(model: str, device: str, gpus: int) -> dict:
 
 
 def check_learner_speed(model_path: str, device: str) -> dict:
-    """Learner tokens/s through forward+backward and peak memory, ZeRO-2 bf16, one rank, GSM8K-shaped rows (on a GPU
-    the Qwen2.5-0.5B-shaped model); on a GPU the peak is held to `learner.memory`'s estimate, which sizes the GPU
-    presets (CPU: the process's RSS, not comparable)."""
-    import torch
+    """Learner tokens/s through forward+backward and peak memory per `learner.layout`, ZeRO-2 bf16, one rank, on
+    GSM8K-shaped groups (on a GPU the Qwen2.5-0.5B-shaped model, groups of 16, a group per micro-batch as the GPU
+    preset); on a GPU the padded peak is held to `learner.memory`'s estimate, which sizes the GPU presets (CPU: the
+    process's RSS, not comparable)."""
     from transformers import AutoConfig
 
-    from core.types import TrainSample
     from learner import memory
     from learner.shards import make_shards
+    from reference import gsm8k_shaped
 
-    micro = 4
-    (learner,) = learner_ranks(model_path, device, 2, 1)
-    try:
-        g = torch.Generator().manual_seed(0)
-        p, c, n = (170, 128, 32) if device == "cuda" else (48, 32, 8)
-        batch = [TrainSample(torch.randint(3, 500, (p,), generator=g).tolist(),
-                             torch.randint(3, 500, (c,), generator=g).tolist(), [-6.2] * c,
-                             float(torch.randn(1, generator=g))) for _ in range(n)]
-        shard = make_shards(batch, 1, micro, 1, 1.0)[0]
-        learner.call("train_step", shard).result()
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            peak = learner.call("train_step", shard).result().peak_memory_bytes
-            times.append(time.perf_counter() - start)
-    finally:
-        learner.close()
+    (p, shortest, c), n, micro = ((170, 40, 128), 16, 16) if device == "cuda" else ((48, 8, 32), 4, 4)
+    batch = gsm8k_shaped(2, n, p, shortest, c)
+    shard = make_shards(batch, 1, micro, 1, 1.0)[0]
+    tokens = sum(s.num_tokens for s in batch)
+    completion = sum(len(s.completion_ids) for s in batch)
+    figures = {"rows": f"2 groups of {n}, prompts {p}, completions {shortest}-{c}, micro-batch {micro}"}
+    for layout in ("padded", "shared"):
+        (learner,) = learner_ranks(model_path, device, 2, 1, micro=micro, layout=layout)
+        try:
+            learner.call("train_step", shard).result()
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                peak = learner.call("train_step", shard).result().peak_memory_bytes
+                times.append(time.perf_counter() - start)
+        finally:
+            learner.close()
+        figures[layout] = {"tokens_per_s": round(tokens / min(times)),
+                           "completion_tokens_per_s": round(completion / min(times)),
+                           "peak_memory_gib": round(peak / 2**30, 3)}
     est = memory.from_hf_config(AutoConfig.from_pretrained(model_path).to_dict(), micro_batch=micro, seq_len=p + c)
-    figures = {"tokens_per_s": round(n * (p + c) / min(times)), "completion_tokens_per_s": round(n * c / min(times)),
-               "peak_memory_gib": round(peak / 2**30, 3), "estimate_gib": round(est["total"] / 2**30, 3),
-               "peak_over_estimate": round(peak / est["total"], 3), "rows": f"{n} × ({p} + {c}), micro-batch {micro}",
-               "estimate": memory.summary(est)}
+    peak = figures["padded"]["peak_memory_gib"] * 2**30
+    figures.update(tokens_per_s=figures["padded"]["tokens_per_s"],
+                   shared_over_padded=round(figures["shared"]["completion_tokens_per_s"]
+                                            / figures["padded"]["completion_tokens_per_s"], 3),
+                   estimate_gib=round(est["total"] / 2**30, 3), peak_over_estimate=round(peak / est["total"], 3),
+                   estimate=memory.summary(est))
     if device == "cuda" and not 0.5 <= peak / est["total"] <= 1.5:
         raise AssertionError(f"peak memory {peak / 2**30:.2f} GiB is far from learner/memory.py's estimate "
                              f"{est['total'] / 2**30:.2f} GiB: the GPU presets' sizes rest on it ({figures})")

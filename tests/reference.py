@@ -21,6 +21,33 @@ def make_batch(seed: int, n: int = 6) -> list[TrainSample]:
     return out
 
 
+def make_groups(seed: int = 0) -> list[TrainSample]:
+    """Three prompts (lengths 5, 2, 7) with 3, 1 and 4 samples of 1-6 tokens, interleaved as a rollout may be."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    out = []
+    for i, k in enumerate([0, 2, 0, 1, 2, 0, 2, 2]):
+        c = 1 + (i * 5) % 6
+        out.append(TrainSample(prompts[k], torch.randint(3, 500, (c,), generator=g).tolist(),
+                               (-6.24 + 2 * torch.rand(c, generator=g) - 1).tolist(), float(torch.randn(1, generator=g))))
+    return out
+
+
+def gsm8k_shaped(groups: int, n: int, prompt_len: int = 170, shortest: int = 40, longest: int = 128,
+                 seed: int = 0) -> list[TrainSample]:
+    """GSM8K-shaped learner work: `groups` prompts of `prompt_len` tokens (the question with a worked example),
+    `n` samples each, completion lengths spread over [shortest, longest] (benches and the GPU check)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(groups):
+        prompt = torch.randint(3, 500, (prompt_len,), generator=g).tolist()
+        for i in range(n):
+            c = shortest + (longest - shortest) * ((i * 5 + k * 3) % n) // max(1, n - 1)
+            out.append(TrainSample(prompt, torch.randint(3, 500, (c,), generator=g).tolist(), [-6.2] * c,
+                                   float(torch.randn(1, generator=g))))
+    return out
+
+
 def load(model_path: str, device: str = "cpu"):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
 

@@ -10,7 +10,7 @@ from core.config import GRPOConfig, LearnerConfig
 from learner.group import LearnerGroup
 from core import weight_sync
 from core.types import TrainSample
-from reference import CLIP, LR, T, full_state_dict, load, make_batch, max_diff, plain_logprobs, reference_step, state, tis
+from reference import CLIP, LR, T, full_state_dict, load, make_batch, make_groups, max_diff, plain_logprobs, reference_step, state, tis
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +82,11 @@ def zero3(ray_local, tiny_model):
 
 @pytest.mark.parametrize("group_name", ["zero2", "zero3"])
 def test_step_equals_plain_torch(group_name, request, tiny_model):
+    """The default learner.layout (shared: each prompt once per micro-batch) against one plain forward per sample,
+    on distinct prompts and on groups that share theirs."""
     group = request.getfixturevalue(group_name)
-    samples = make_batch(0)
+    assert [i["layout"] for i in group.infos] == ["shared"] * 2
+    samples = make_batch(0) + make_groups(0)
     ref_loss, ref_norm, ref_weights = reference_step(tiny_model, samples)
     m = group.train_step(samples, T)
     assert m.optimizer_steps == 1 and m.train_tokens == sum(len(s.completion_ids) for s in samples)
@@ -93,9 +96,11 @@ def test_step_equals_plain_torch(group_name, request, tiny_model):
     weights = full_state_dict(group)
     start = load(tiny_model).state_dict()
     assert max_diff(weights, start) > 1e-4  # the step moved the weights...
-    # ...as plain torch does. Adam's first step is lr·g/|g|, so a gradient element near 0 turns the padded vs unpadded
-    # forwards' float differences into up to ~1e-5 (measured: 1 element in 32768); the step itself is 1e-3.
-    assert max_diff(weights, ref_weights) < 2e-5
+    # ...as plain torch does. Adam's first step is lr·g/|g|, so a gradient element near 0 turns the batched vs
+    # per-sequence forwards' float differences into up to ~2e-5 (measured: 1 element in 427,136 above 1e-5, 6 above
+    # 2e-6); the step itself is 1e-3.
+    diffs = torch.cat([(weights[k].float() - v.float()).abs().flatten() for k, v in ref_weights.items()])
+    assert diffs.max() < 5e-5 and int((diffs > 2e-6).sum()) <= diffs.numel() // 10_000
 
 
 @pytest.mark.parametrize("stage", [2, 3])
