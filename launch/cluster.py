@@ -7,6 +7,8 @@ with the shortfall named, instead of waiting forever on a pending placement grou
 """
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import time
 
@@ -14,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 PLACEMENT_TIMEOUT_S = 60.0
+log = logging.getLogger("rlvr")
 
 
 class ClusterTooSmall(RuntimeError):
@@ -29,12 +32,34 @@ def connect(address: str | None) -> str:
         return "existing"
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return address
-    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
+        how = address
+    elif os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)  # inside `ray job submit`: the job's runtime env applies
-        return "auto"
-    ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True)
-    return "local"
+        how = "auto"
+    else:
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True)
+        how = "local"
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    warning = exposure_warning(ray.get_runtime_context().gcs_address, is_token_auth_enabled())
+    if warning:
+        log.warning(warning)
+    return how
+
+
+def exposure_warning(gcs_address: str, token_auth: bool) -> str | None:
+    """What to say when this job runs on a Ray cluster that listens beyond loopback without token auth: Ray's job
+    API runs whatever it is sent, so anyone who reaches its ports can run code on every node."""
+    host = gcs_address.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if token_auth or loopback:
+        return None
+    return (f"the Ray cluster at {gcs_address} listens beyond loopback without token authentication: anyone who "
+            f"can reach its ports can submit code to it. Start every node (and submit) with RAY_AUTH_MODE=token and "
+            f"the same RAY_AUTH_TOKEN, bound to a private interface (README, Many nodes)")
 
 
 def detect_device(requested: str, cfg=None) -> str:

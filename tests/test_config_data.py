@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cluster import ClusterTooSmall, bundles, check_fits
+from launch.cluster import ClusterTooSmall, bundles, check_fits, exposure_warning
 from launch.config import CONFIG_DIR, REFERENCE_PROMPT, ConfigError, dump_config, load_config, parse_overrides
 from launch.data import Example, PromptOrder, encode_prompts, load_gsm8k, parse_rows, read_rows, render_prompt
 
@@ -235,6 +235,15 @@ def test_bundles_per_device():
     assert rollout[0]["GPU"] == cfg.rollout.tensor_parallel_size and len(rollout) == cfg.rollout.num_engines
     with pytest.raises(ClusterTooSmall, match="needs GPUs"):
         bundles(cfg, "cpu")
+
+
+def test_a_cluster_open_beyond_loopback_without_auth_is_named():
+    warning = exposure_warning("10.0.0.5:6379", token_auth=False)
+    assert "10.0.0.5:6379" in warning and "RAY_AUTH_MODE=token" in warning
+    assert exposure_warning("[fd00::5]:6379", token_auth=False) is not None
+    assert exposure_warning("10.0.0.5:6379", token_auth=True) is None  # token auth: nothing to say
+    for local in ("127.0.0.1:6379", "[::1]:6379", "localhost:6379"):
+        assert exposure_warning(local, token_auth=False) is None
 
 
 def test_check_fits_accepts_a_fitting_cluster():

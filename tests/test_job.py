@@ -32,8 +32,20 @@ MARGIN = 0.05
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, cpu_vllm):
-    with LocalHead(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray"))) as h:
+    """The jobs' Ray head, started from an environment holding secrets (W&B, hub), as a user's shell would: every
+    job and actor inherits them, and `test_no_secret_reaches_an_output_file` looks for them in what jobs write."""
+    saved = {k: os.environ.get(k) for k in PLANTED}
+    os.environ.update(PLANTED)
+    try:
+        h = LocalHead(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with h:
         yield h
+
+
+PLANTED = {"WANDB_API_KEY": "planted-wandb-" + os.urandom(8).hex(), "HF_TOKEN": "hf_planted" + os.urandom(8).hex()}
 
 
 def submit(head, *args, timeout_s=600, **kwargs):
@@ -69,6 +81,18 @@ def test_submitted_job_learns(uninterrupted):
     for r in rows:  # samples come from the weights of the last update before their step
         assert r["weight_version"] == max([s for s in updated if s < r["step"]], default=0)
         assert r["staleness"] == 0
+
+
+def test_no_secret_reaches_an_output_file(head, uninterrupted):
+    """The secrets in the jobs' environment (and the head's auth token) are in no file of a finished run: config,
+    metrics, logs, TensorBoard, checkpoints, the exported model; nor in the job's log."""
+    out, log = uninterrupted
+    planted = [v.encode() for v in (*PLANTED.values(), head.env["RAY_AUTH_TOKEN"])]
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert any(f.name == "config.yaml" for f in files) and any("checkpoint" in str(f) or "step-" in str(f)
+                                                               for f in files)
+    leaks = [(str(f.relative_to(out)), s.decode()[:12]) for f in files for s in planted if s in f.read_bytes()]
+    assert not leaks and not any(s.decode() in log for s in planted), leaks
 
 
 def test_a_run_stopped_two_ways_resumes_each_time_also_after_a_code_edit(head, uninterrupted, tmp_path):
