@@ -158,16 +158,10 @@ def layout_rates(args) -> None:
             cfg = LearnerConfig(num_workers=args.ranks, threads=args.threads, zero_stage=args.zero, lr=1e-6,
                                 micro_batch_size=micro, gradient_checkpointing=args.layout_checkpointing,
                                 layout=layout)
-            learners = LearnerGroup(model, "cpu", cfg, GRPOConfig(), total_steps=100).ready()
+            rate, learners, m = train_tokens_per_s(model, cfg, batch, args.steps)
             assert learners.infos[0]["layout"] == layout, learners.infos[0]
-            learners.train_step(batch, 1.0)  # warm-up
-            seconds, peak = [], 0.0
-            for _ in range(args.steps):
-                m = learners.train_step(batch, 1.0)
-                seconds.append(m.train_seconds)
-                peak = max(peak, m.learner_peak_gib)
             learners.shutdown()
-            got[layout] = (tokens / min(seconds), peak, m.loss)
+            got[layout] = (rate, m.learner_peak_gib, m.loss)  # CPU: the peak is the process's high-water mark
         line = ", ".join(f"{k} {rate:.0f} tok/s (peak {peak:.2f} GiB)" for k, (rate, peak, _) in got.items())
         ratios = ", ".join(f"{k} ÷ padded {got[k][0] / got['padded'][0]:.2f}×" for k in got if k != "padded")
         losses = " = ".join(f"{loss:+.6f}" for _, _, loss in got.values())

@@ -32,10 +32,7 @@ def rows(samples: list, layout: str, pad_id: int, attention: str = "sdpa") -> di
         targets[i, :len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
     if layout == "padded":
         return _padded(samples, pad_id, C) | {"targets": targets}
-    groups: dict[tuple, list[int]] = {}  # distinct prompts in order of first appearance → their samples
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(s.prompt_ids), []).append(i)
-    units = list(groups.items())
+    units = list(by_prompt(samples).items())
     row_units = [units] if layout == "packed" else [[u] for u in units]
     L = max(sum(len(p) + sum(len(samples[i].completion_ids) for i in members) for p, members in row)
             for row in row_units)
@@ -51,7 +48,8 @@ def rows(samples: list, layout: str, pad_id: int, attention: str = "sdpa") -> di
             ids[r, at:at + p] = torch.tensor(prompt, dtype=torch.long)
             pos[r, at:at + p] = torch.arange(p)
             allowed[r, at:at + p, at:at + p] = torch.ones(p, p, dtype=torch.bool).tril()
-            prompt_end, at = at + p, at + p
+            at += p
+            prompt_end = at
             for i in members:
                 c = len(samples[i].completion_ids)
                 ids[r, at:at + c] = targets[i, :c]
@@ -68,6 +66,14 @@ def rows(samples: list, layout: str, pad_id: int, attention: str = "sdpa") -> di
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "predictors": predictors,
             "targets": targets}
+
+
+def by_prompt(samples: list) -> dict[tuple, list[int]]:
+    """The distinct prompts, in order of first appearance → the indices of their samples."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    return groups
 
 
 def _padded(samples: list, pad_id: int, C: int) -> dict[str, torch.Tensor]:

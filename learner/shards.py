@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from core.balance import split_balanced
 from core.types import LearnerStats, TrainSample, TrainShard
+from learner.layout import by_prompt
 
 
 def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: int, minibatches: int,
@@ -40,10 +41,8 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
 
 def prompt_pieces(samples: list[TrainSample], size: int) -> list[list[TrainSample]]:
     """The samples by prompt (in order of first appearance), each prompt's cut into pieces of at most `size`."""
-    by_prompt: dict[tuple, list[TrainSample]] = {}
-    for s in samples:
-        by_prompt.setdefault(tuple(s.prompt_ids), []).append(s)
-    return [group[i:i + size] for group in by_prompt.values() for i in range(0, len(group), size)]
+    return [[samples[i] for i in group[j:j + size]] for group in by_prompt(samples).values()
+            for j in range(0, len(group), size)]
 
 
 @dataclass

@@ -226,6 +226,7 @@ def check_learner_speed(model_path: str, device: str) -> dict:
     tokens = sum(s.num_tokens for s in batch)
     completion = sum(len(s.completion_ids) for s in batch)
     figures = {"rows": f"2 groups of {n}, prompts {p}, completions {shortest}-{c}, micro-batch {micro}"}
+    peaks = {}
     for layout in ("padded", "shared"):
         (learner,) = learner_ranks(model_path, device, 2, 1, micro=micro, layout=layout)
         try:
@@ -233,15 +234,15 @@ def check_learner_speed(model_path: str, device: str) -> dict:
             times = []
             for _ in range(2):
                 start = time.perf_counter()
-                peak = learner.call("train_step", shard).result().peak_memory_bytes
+                peaks[layout] = learner.call("train_step", shard).result().peak_memory_bytes
                 times.append(time.perf_counter() - start)
         finally:
             learner.close()
         figures[layout] = {"tokens_per_s": round(tokens / min(times)),
                            "completion_tokens_per_s": round(completion / min(times)),
-                           "peak_memory_gib": round(peak / 2**30, 3)}
+                           "peak_memory_gib": round(peaks[layout] / 2**30, 3)}
     est = memory.from_hf_config(AutoConfig.from_pretrained(model_path).to_dict(), micro_batch=micro, seq_len=p + c)
-    peak = figures["padded"]["peak_memory_gib"] * 2**30
+    peak = peaks["padded"]
     figures.update(tokens_per_s=figures["padded"]["tokens_per_s"],
                    shared_over_padded=round(figures["shared"]["completion_tokens_per_s"]
                                             / figures["padded"]["completion_tokens_per_s"], 3),

@@ -34,13 +34,10 @@ MARGIN = 0.05
 def head(tmp_path_factory, cpu_vllm):
     """The jobs' Ray head, started from an environment holding secrets (W&B, hub), as a user's shell would: every
     job and actor inherits them, and `test_no_secret_reaches_an_output_file` looks for them in what jobs write."""
-    saved = {k: os.environ.get(k) for k in PLANTED}
-    os.environ.update(PLANTED)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # LocalHead copies the environment when it is made
+        for k, v in PLANTED.items():
+            env.setenv(k, v)
         h = LocalHead(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     with h:
         yield h
 
