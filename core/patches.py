@@ -11,6 +11,8 @@ start. `check_all()` runs every check without applying anything or starting an e
 - `skip_logprob_token_text` (vLLM): vLLM decodes the text of every sampled token's logprob entry, which nothing here
   reads (30-40% of generation on small models).
 - `skip_deepspeed_shm_build` (DeepSpeed, CPU): a ~75 s JIT build of a shared-memory op the gloo path does not use.
+- `count_engine_steps` (vLLM): `LLM.generate` steps its engine in a loop; each step calls a counter, which the
+  engine's progress probe reads while it generates (`rollout.progress`: how a hung engine is found in a minute).
 """
 from __future__ import annotations
 
@@ -137,7 +139,35 @@ def skip_deepspeed_shm_build() -> None:
     check_skip_deepspeed_shm_build().build_shm_op = lambda: None
 
 
-CHECKS = {"keep_plain_cpu_weights": check_keep_plain_cpu_weights,
+# ---- vLLM: count the engine's steps (progress of a generate) -----------------------------------------------------
+
+def check_count_engine_steps():
+    """`LLM.generate` runs its engine in `_run_engine`, which must call `self.llm_engine.step()` once per step."""
+    from vllm.entrypoints import llm
+
+    run = getattr(llm.LLM, "_run_engine", None)
+    _require(callable(run), "vllm", "LLM._run_engine is gone: generate progress would not be seen")
+    _require("self.llm_engine.step()" in inspect.getsource(run), "vllm",
+             "LLM._run_engine no longer steps its engine through self.llm_engine.step(): generate progress would "
+             "not be seen")
+
+
+def count_engine_steps(llm, tick: Callable[[], None]) -> None:
+    """Call `tick` after every step of this `LLM`'s engine (an instance attribute: other engines are unchanged)."""
+    check_count_engine_steps()
+    engine = llm.llm_engine
+    step = engine.step
+
+    def counted_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        tick()
+        return out
+
+    engine.step = counted_step
+
+
+CHECKS = {"count_engine_steps": check_count_engine_steps,
+"keep_plain_cpu_weights": check_keep_plain_cpu_weights,
           "skip_logprob_token_text": check_skip_logprob_token_text,
           "skip_deepspeed_shm_build": check_skip_deepspeed_shm_build}
 

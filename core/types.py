@@ -49,6 +49,7 @@ class Timeouts:
     """Seconds each phase may take (the defaults of the config's `timeouts:` section)."""
 
     start_s: float = 900.0  # actors starting: model load, vLLM start, DeepSpeed init
+    stall_s: float = 45.0  # an engine holding a generate or a weight sync whose work count stops moving this long
     generate_s: float = 1200.0  # one rollout batch on the engines
     train_s: float = 1800.0  # one train step on the learner ranks (also their collectives' timeout)
     broadcast_s: float = 600.0  # one weight sync, and the weight group's rendezvous

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -26,17 +26,22 @@ class ActorFault(RuntimeError):
         super().__init__(f"{phase}: " + "; ".join(f"{name} {what}" for name, what in actors.items()))
 
 
+POLL_S = 5.0  # how often `settle` asks its `stalled` watcher, at most (a watcher may ask more often: `every_s`)
+
+
 @dataclass
 class Outcome:
-    """How one call ended: "ok" (with its value), "error" (raised inside the call), "died" or "hung"."""
+    """How one call ended: "ok" (with its value), "error" (raised inside the call), "died" or "hung" (with `why`
+    when a watcher found it before the deadline)."""
 
     status: str
     value: Any = None
     error: BaseException | None = None
+    why: str = ""
 
     def describe(self, timeout_s: float) -> str:
         if self.status == "hung":
-            return f"did not answer within {timeout_s:.0f}s (hung or stopped)"
+            return self.why or f"did not answer within {timeout_s:.0f}s (hung or stopped)"
         if self.status == "died":
             return f"died ({type(self.error).__name__}: {first_line(self.error)})"
         return f"raised {type(self.error).__name__}: {first_line(self.error)}"
@@ -47,18 +52,26 @@ def first_line(err: BaseException | None) -> str:
     return text.splitlines()[-1][:300] if text else ""
 
 
-def settle(refs: list, timeout_s: float) -> list[Outcome]:
+def settle(refs: list, timeout_s: float,
+           stalled: Callable[[list[int]], dict[int, str]] | None = None) -> list[Outcome]:
     """Wait for every call until they all end or the deadline passes; never raises. Calls still running at the
-    deadline are "hung"."""
+    deadline are "hung". `stalled`, asked every POLL_S (or its `every_s`) with the indices of the calls still running, names those that
+    are hung already (index → why): they are "hung" at once, and the wait goes on for the others."""
     outcomes: list[Outcome | None] = [None] * len(refs)
     index = {ref: i for i, ref in enumerate(refs)}
     pending, deadline = list(refs), time.monotonic() + timeout_s
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
+        left = max(0.0, deadline - time.monotonic())
+        every_s = getattr(stalled, "every_s", POLL_S)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, every_s) if stalled else left)
         for ref in ready:
             outcomes[index[ref]] = _outcome(ref)
+        if not ready and time.monotonic() >= deadline:
+            break
+        if stalled and pending:
+            for i, why in stalled([index[ref] for ref in pending]).items():
+                outcomes[i] = Outcome("hung", why=why)
+            pending = [ref for ref in pending if outcomes[index[ref]] is None]
     return [o if o is not None else Outcome("hung") for o in outcomes]
 
 

@@ -105,6 +105,7 @@ class TimeoutsConfig(Strict):
     What each one bounds: `core.types.Timeouts`."""
 
     start_s: float = Field(Timeouts.start_s, gt=0)
+    stall_s: float = Field(Timeouts.stall_s, gt=0)
     generate_s: float = Field(Timeouts.generate_s, gt=0)
     train_s: float = Field(Timeouts.train_s, gt=0)
     broadcast_s: float = Field(Timeouts.broadcast_s, gt=0)

@@ -10,14 +10,15 @@ import time
 from core.types import Sample
 from core.waits import ActorFault, settle, wait_all
 from core.weight_sync import BACKEND_FOR_DEVICE
-from rollout.group import EnginesReplaced, is_engine_fault
+from rollout.group import EnginesReplaced, StallWatch, is_engine_fault
 
 log = logging.getLogger("rlvr.weights")
 
 
 class WeightChannel:
     """Learner rank 0 → every engine worker, surviving its engines. Both sides of each collective are entered from
-    one driver call, and every wait is bounded by `timeouts.broadcast_s`.
+    one driver call, and every wait is bounded by `timeouts.broadcast_s`; an engine that stops answering is found
+    within `timeouts.stall_s` (`rollout.group.StallWatch`).
 
     `version` is the version of the weights the engines hold; `learner_version` the one the learner holds (ahead by
     one while the learner trains, and in the one-step-off pipeline until the engines end their batch). `lock` is
@@ -107,7 +108,8 @@ class WeightChannel:
     def _run(self, phase: str, learner_refs: list, engine_refs: list) -> tuple[list, list[int]]:
         """Wait for one call on every member. Returns (the learner ranks' results, engines replaced because they died
         or hung in it); with replacements the caller reopens the group and runs the call again."""
-        outcomes = settle(learner_refs + engine_refs, self.timeout_s + self.GRACE_S)
+        watch = StallWatch(self.engines, {len(learner_refs) + i: i for i in range(len(engine_refs))}, collective=True)
+        outcomes = settle(learner_refs + engine_refs, self.timeout_s + self.GRACE_S, watch)
         ours, theirs = outcomes[:len(learner_refs)], outcomes[len(learner_refs):]
         dead = {self.learners.name(r): o.describe(self.timeout_s) for r, o in enumerate(ours)
                 if o.status in ("died", "hung")}

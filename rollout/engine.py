@@ -4,18 +4,22 @@ On GPU it owns `tensor_parallel_size` GPUs of its placement-group bundle (TP wor
 it runs vLLM's in-process `uni` executor with an explicit KV-cache size. It samples n completions per prompt
 with the logprob of every sampled token under the sampling distribution (temperature applied), and applies weight
 broadcasts through the worker extension. Ray runs one method of an actor at a time, so an engine never generates
-while an update is half-applied.
+while an update is half-applied; only `progress`, in a concurrency group of its own, answers while a call runs.
 """
 from __future__ import annotations
 
 import os
 import time
 
+import ray
+
 from core import patches
 from core.reap import process_tree
 from core.types import Sample
+from rollout.progress import tick, ticks
 
 WORKER_EXTENSION = "rollout.worker_extension.WeightReceiver"
+CONCURRENCY_GROUPS = {"probe": 1}  # `progress` runs beside the call in the default group (which runs one at a time)
 
 
 def engine_env(device: str, threads: int) -> dict[str, str]:
@@ -52,6 +56,7 @@ class RolloutEngine:
         start = time.perf_counter()
         patches.skip_logprob_token_text()
         self.llm = LLM(**kwargs)
+        patches.count_engine_steps(self.llm, tick)
         self.start_seconds = time.perf_counter() - start
         self.ready_at = time.time()
         self.max_model_len = max_model_len
@@ -63,6 +68,12 @@ class RolloutEngine:
         """Who this engine is, and its process tree (TP workers included) for `core.reap.kill_trees`."""
         return {"index": self.index, "version": self.version, "max_model_len": self.max_model_len,
                 "start_seconds": self.start_seconds, "ready_at": self.ready_at, **process_tree()}
+
+    @ray.method(concurrency_group="probe")
+    def progress(self) -> int:
+        """The engine's work so far (`rollout.progress`): answered while a generate or a weight sync runs; it stops
+        moving when the engine hangs, and no answer comes from a stopped process."""
+        return ticks()
 
     def _fit(self, ids: list[int], max_tokens: int) -> list[int] | None:
         """The prompt as it will be sent, or None when it is dropped (see rollout.overlong_prompt)."""

@@ -1,12 +1,14 @@
 """`EngineGroup`: M `RolloutEngine` actors in the rollout placement group, used as one sampler that outlives its
 engines.
 
-An engine that dies (its process killed, OOM, its node lost) or hangs (no answer within the generate timeout) is
-killed and re-created in its own placement-group bundle, and the prompts it held are generated again, on every
+An engine that dies (its process killed, OOM, its node lost) or hangs is killed and re-created in its own placement-group bundle, and the prompts it held are generated again, on every
 engine: the caller gets all its groups in prompt order as if nothing had happened. Once the engines are in a
 weight group, a replacement is not a member and serves its startup weights, so `generate` raises `EnginesReplaced`
 instead, holding what was generated so far: the weight channel (`launch.weights`) opens a group over the new
 membership, sends the learner's current weights, and generates the rest with it as `resume`.
+An engine hangs when it holds a call and its work count (`rollout.progress`: engine steps, weight buckets received)
+has not moved for `timeouts.stall_s`, or its probe goes unanswered that long (a stopped process answers nothing):
+`StallWatch`. The phase's own timeout (`timeouts.generate_s`, `broadcast_s`) stays the outer bound.
 Replacements are counted against `rollout.max_restarts` per run; past it, the group raises with every engine and
 cause named.
 """
@@ -21,8 +23,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.balance import split_balanced
 from core.reap import kill_trees
 from core.types import Sample, Timeouts
-from core.waits import settle, wait_all
-from rollout.engine import RolloutEngine, engine_env
+from core.waits import DEAD, POLL_S, settle, wait_all
+from rollout.engine import CONCURRENCY_GROUPS, RolloutEngine, engine_env
 
 log = logging.getLogger("rlvr.rollout")
 
@@ -38,6 +40,52 @@ class EnginesReplaced(Exception):
     def __init__(self, engines: list[int], out: list, todo: list[int]):
         super().__init__(f"engines {engines} replaced during generate; {len(todo)} prompt(s) to generate again")
         self.engines, self.out, self.todo = engines, out, todo
+
+
+class StallWatch:
+    """`core.waits.settle`'s `stalled` for calls on engines: `engine_of` maps a call's index to its engine. Each
+    time it is asked it sends every engine still holding a call one probe (`RolloutEngine.progress`) unless one is
+    on its way. An engine is hung when its probe has gone unanswered for `stall_s` (a stopped process), or when its
+    work count has not moved for `stall_s` (a wedged engine). The second is not asked of a collective (`collective`:
+    the weight group's open, close and sync), where a healthy member waits without work for a hung one: there a
+    wedged member that still answers is found at the phase's timeout. An engine found hung is killed there and
+    then, so that a peer blocked on it in a collective (the learner's broadcast) fails at once."""
+
+    def __init__(self, group: "EngineGroup", engine_of: dict[int, int], collective: bool = False):
+        self.group, self.engine_of, self.collective = group, engine_of, collective
+        self.stall_s = group.timeouts.stall_s
+        self.every_s = min(POLL_S, self.stall_s / 4)  # an answer is seen within every_s of its coming back
+        now = time.monotonic()
+        self.count: dict[int, int | None] = {k: None for k in engine_of.values()}
+        self.moved = {k: now for k in engine_of.values()}  # when its count last moved
+        self.answered = dict(self.moved)  # when its last probe came back
+        self.probes: dict[int, object] = {}
+        self.found: set[int] = set()
+
+    def __call__(self, pending: list[int]) -> dict[int, str]:
+        now, hung = time.monotonic(), {}
+        for k in sorted({self.engine_of[i] for i in pending if i in self.engine_of} - self.found):
+            probe = self.probes.get(k)
+            if probe is not None and ray.wait([probe], timeout=0)[0]:
+                del self.probes[k]
+                try:
+                    count = ray.get(probe)
+                except DEAD:  # the call itself reports the death
+                    continue
+                self.answered[k] = now
+                if count != self.count[k]:
+                    self.count[k], self.moved[k] = count, now
+            if k not in self.probes:
+                self.probes[k] = self.group.engines[k].progress.remote()
+            silent, idle = now - self.answered[k], now - self.moved[k]
+            if silent > self.stall_s or (idle > self.stall_s and not self.collective):
+                how = f"no answer for {silent:.0f}s" if silent > self.stall_s else f"no work for {idle:.0f}s"
+                log.warning(f"{self.group.name(k)} made no progress ({how}): killing it as hung")
+                kill_trees([(self.group.engines[k], self.group.infos[k])], 10.0)
+                self.found.add(k)
+                hung.update({i: f"made no progress ({how}; timeouts.stall_s={self.stall_s:g}): hung or stopped"
+                             for i in pending if self.engine_of.get(i) == k})
+        return hung
 
 
 def is_engine_fault(outcome) -> bool:
@@ -67,7 +115,7 @@ class EngineGroup:
         strategy = None if self.placement_group is None else PlacementGroupSchedulingStrategy(
             self.placement_group, placement_group_bundle_index=i)
         threads = self.cfg.threads or self.cfg.cpus_per_engine
-        return ray.remote(RolloutEngine).options(
+        return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutEngine).options(
             num_cpus=self.cfg.cpus_per_engine, num_gpus=self.cfg.tensor_parallel_size if self.device == "cuda" else 0,
             scheduling_strategy=strategy, runtime_env={"env_vars": engine_env(self.device, threads)},
             max_restarts=0, max_task_retries=0,  # replacements are ours: a Ray restart would serve startup weights
@@ -107,7 +155,8 @@ class EngineGroup:
             refs = [self.engines[k].generate.remote([prompts[i] for i in idx], n, temperature, top_p, max_tokens, stop,
                                                     None if seed is None else seed + k) for k, idx in calls]
             failed, todo = {}, []
-            for (k, idx), outcome in zip(calls, settle(refs, timeout_s)):
+            watch = StallWatch(self, {j: k for j, (k, _) in enumerate(calls)})
+            for (k, idx), outcome in zip(calls, settle(refs, timeout_s, watch)):
                 if outcome.status == "ok":
                     for i, samples in zip(idx, outcome.value):
                         out[i] = samples

