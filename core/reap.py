@@ -76,9 +76,15 @@ def kill_trees(actors_and_infos: list[tuple[object, dict]], timeout_s: float = R
     bounded by `timeout_s` + 30 s; a node that is gone has taken its processes with it."""
     for actor, _ in actors_and_infos:
         ray.kill(actor, no_restart=True)
+    reap([info for _, info in actors_and_infos], timeout_s)
+
+
+def reap(infos: list[dict], timeout_s: float = REAP_S) -> None:
+    """SIGKILL what is left of each process tree (`process_tree` infos), from a task on its node, and wait until
+    they are gone; bounded by `timeout_s` + 30 s. Also for actors no handle reaches: those of a dead driver."""
     alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     reaps = {}
-    for _, info in actors_and_infos:
+    for info in infos:
         if not info.get("tree"):
             continue  # an actor that never reported (it died or hung before its first answer): only ray.kill
         if info.get("node_id") not in alive_nodes:

@@ -2,14 +2,20 @@
 between them, and their teardown (which also runs after a failure, and never masks the error in flight)."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from core.models import check_model
+from core.reap import reap
 from launch.cluster import place
 from launch.config import Config, ConfigError
+from launch.outputs import process_start
 from launch.supervisor import Faults
 from launch.weights import WeightChannel
 from learner.group import LearnerGroup
@@ -81,3 +87,34 @@ def stop_actors(actors: Actors, faults: Faults) -> None:
             stop()
         except Exception as err:  # noqa: BLE001 - best effort: the cluster may be half gone
             log.warning(f"teardown: {type(err).__name__}: {err}")
+
+
+RECORD = "actors.json"  # in the output dir: the driver's process and its actors' process trees
+
+
+def record(out: Path, actors: Actors) -> None:
+    """Write down which processes this driver's actors are (after they start, and at every step, so that a
+    replacement is in it): if the driver is killed, the next one reaps them (`reap_leftovers`)."""
+    infos = [i for g in (actors.engines, actors.learners) if g is not None for i in g.infos if i.get("tree")]
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    tmp = out / (RECORD + ".tmp")
+    tmp.write_text(json.dumps({"driver": me, "actors": infos}))
+    os.replace(tmp, out / RECORD)
+
+
+def reap_leftovers(out: Path) -> None:
+    """Before a driver starts its actors: if the run's previous driver died (killed, crashed) without tearing its
+    actors down, make sure they are gone. Ray kills a dead driver's actors itself; a stopped one (SIGSTOP), or one
+    whose children outlive it, is what this reaps (`core.reap.reap`: SIGKILL from a task on its node)."""
+    path = out / RECORD
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    driver = rec.get("driver", {})
+    if driver.get("host") == socket.gethostname() and process_start(int(driver.get("pid", -1))) == driver.get("start"):
+        return  # that driver is alive: this is an in-job restart of it, or another process
+    log.info(f"the previous driver (pid {driver.get('pid')}) is gone: reaping what is left of its "
+             f"{len(rec.get('actors', []))} actor process tree(s)")
+    reap(rec.get("actors", []), 30.0)
+    path.unlink(missing_ok=True)

@@ -3,13 +3,18 @@
     0   done (or stopped by train.stop_after)
     1   failed: an error that restarts could not fix, with its message
     2   the config, the model, the cluster or the output dir cannot be used: nothing was trained
+    70  crashed: an error nothing expected (a bug), traceback printed; `launch/gsm8k.py` starts the driver again
+        from its checkpoint (`launch.driver`, train.max_restarts times) (sysexits EX_SOFTWARE)
     75  stopped by SIGTERM or SIGINT (`ray job stop`, a preempted node) after writing a checkpoint: submit the same
         command again to continue (sysexits EX_TEMPFAIL)
 """
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Callable
+
+from launch.driver import CRASHED  # noqa: F401 - in the table
 
 OK, FAILED, UNUSABLE, STOPPED = 0, 1, 2, 75
 
@@ -49,4 +54,8 @@ def run_job(job: Callable[[], object]) -> int:
     except failures() as err:
         print(f"error: {err}", file=sys.stderr)
         return FAILED
+    except Exception:  # noqa: BLE001 - anything else is a bug: its traceback, and the watching entry point restarts
+        traceback.print_exc()
+        sys.stderr.flush()
+        return CRASHED
     return OK

@@ -10,7 +10,9 @@ Run directly (`python launch/gsm8k.py ...`) it starts a local Ray cluster. Witho
 train.output_dir (which is also what happens by default when one is there).
 
 Exit codes: `launch/exits.py` (0 done, 1 failed, 2 nothing trained: the config, cluster or output dir cannot be
-used, 75 stopped by a signal after writing a checkpoint: submit the same command again to continue).
+used, 75 stopped by a signal after writing a checkpoint: submit the same command again to continue). The process
+`ray job submit` starts watches a child that drives the job, and starts it again if it is killed or crashes
+(`launch/driver.py`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted working dir, under `ray job submit`
 
-from launch import exits  # noqa: E402
+from launch import driver, exits  # noqa: E402
 from launch.config import ConfigError, dump_config, load_config  # noqa: E402
 
 GPU_PRESET, CPU_PRESET = "gsm8k_qwen2.5_0.5b.yaml", "gsm8k_smollm2_cpu.yaml"
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# resolved from {preset}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
         print(dump_config(cfg))
         return 0
+    if not driver.is_driver():  # this process watches; a child process drives the job (`launch.driver`)
+        return driver.watch(sys.argv[1:] if argv is None else list(argv), cfg.train.max_restarts)
     print(f"[rlvr] config {preset}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""), flush=True)
     from launch.train import train
 

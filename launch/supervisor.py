@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError
 from core.waits import ActorFault
 from launch import checkpoint
 from launch.config import Config, dump_config
+from launch.driver import DRIVER_LOST_ENV, DRIVER_RESTARTS_ENV
 from launch.outputs import OutputLock
 
 log = logging.getLogger("rlvr")
@@ -40,17 +42,33 @@ class Faults:
     """What went wrong over the whole job, across its in-job restarts."""
 
     job_restarts: int = 0
+    driver_restarts: int = field(default_factory=lambda: int(os.environ.get(DRIVER_RESTARTS_ENV, 0)))  # by the
+    # entry point (`launch.driver`): drivers of this job that died before this one
     steps_recomputed: int = 0
     engine_restarts: int = 0  # engines replaced in earlier attempts (the current EngineGroup counts its own)
     last_step: int = 0  # the last step logged
-    failed_at: float | None = None  # when the last in-job restart began (monotonic)
+    failed_at: float | None = field(default_factory=lambda: float(os.environ[DRIVER_LOST_ENV])
+                                    if DRIVER_LOST_ENV in os.environ else None)  # when the last failure was
+    # noticed: an in-job restart began, or the last driver was lost (time.monotonic: one clock for the whole host)
     recover_seconds: float | None = None  # failure → actors up and the checkpoint loaded, reported once
+
+    def after_driver_loss(self, rows: list[dict], resume_step: int) -> None:
+        """This driver replaces one that died: carry on its counters from its last logged row, and count the steps
+        it had done since the checkpoint, and the one in flight, as computed again."""
+        if rows:
+            last = rows[-1]
+            self.steps_recomputed = int(last.get("steps_recomputed", 0)) + last["step"] + 1 - resume_step
+            self.job_restarts, self.engine_restarts = int(last.get("job_restarts", 0)), \
+                self.engine_restarts + int(last.get("engine_restarts", 0))
+        log.warning(f"driver restart {self.driver_restarts}: resumed at step {resume_step}; "
+                    f"{self.steps_recomputed} step(s) computed again so far")
 
     def recovered(self) -> None:
         """The attempt after a failure has its actors up and its checkpoint loaded."""
         if self.failed_at is not None:
             self.recover_seconds, self.failed_at = time.monotonic() - self.failed_at, None
-            log.warning(f"recovered in {self.recover_seconds:.1f}s (in-job restart {self.job_restarts})")
+            log.warning(f"recovered in {self.recover_seconds:.1f}s (in-job restart {self.job_restarts}, driver "
+                        f"restart {self.driver_restarts})")
 
     def row(self, engines, channel, seen: list[int]) -> dict:
         """Restart counters (whole job) and the recoveries ended since the last row (`seen` counts the attempt's
@@ -61,7 +79,7 @@ class Faults:
         checks = channel.checks[seen[1]:]
         seen[0], seen[1] = seen[0] + len(new), seen[1] + len(checks)
         numbers = {"engine_restarts": self.engine_restarts + len(engines.restarts), "job_restarts": self.job_restarts,
-                   "steps_recomputed": self.steps_recomputed,
+                   "driver_restarts": self.driver_restarts, "steps_recomputed": self.steps_recomputed,
                    "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
         if self.recover_seconds is not None:
             numbers["job_recover_seconds"], self.recover_seconds = self.recover_seconds, None

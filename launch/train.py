@@ -12,7 +12,7 @@ from pathlib import Path
 
 from core.models import resolve_model
 from launch import checkpoint
-from launch.actors import Actors, check_inputs, start_actors, stop_actors
+from launch.actors import Actors, check_inputs, reap_leftovers, record, start_actors, stop_actors
 from launch.batch import PromptSet, Rollout, StepTimer, collect, evaluate, load_prompts, make_scorer, step_row
 from launch.cluster import connect, detect_device
 from launch.config import Config, ConfigError
@@ -63,6 +63,7 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
     """One attempt: actors up, the checkpoint (if any) loaded, the loop; its actors are torn down however it ends."""
     resume_from = resume_point(cfg, out) if faults.job_restarts == 0 else checkpoint.latest_checkpoint(out)
     scorer = make_scorer(cfg)  # its pool starts at the first pooled score
+    reap_leftovers(out)  # a killed driver's actors, before this one's take their place
     actors = start_actors(cfg, device, faults)
     metrics = source = None
     try:
@@ -82,8 +83,11 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
         layout = info["layout"] + (f" ({info['layout_note']})" if info["layout_note"] else "")
         log.info(f"actors ready in {time.time() - wall:.0f}s; weight sync: {len(actors.channel.plan)} bucket(s), "
                  f"{actors.channel.bytes / 2**20:.1f} MiB; learner layout {layout}")
+        record(out, actors)
         start, order = restore(cfg, actors, resume_from, len(train_set.ids))
         faults.recovered()
+        if faults.driver_restarts and faults.job_restarts == 0:  # a new driver: what the dead one logged last
+            faults.after_driver_loss(read_jsonl(out / "metrics.jsonl"), start)
         metrics = MetricsLog(out, cfg, start)
         job = Job(cfg, out, stop, faults, actors, metrics, scorer, train_set, eval_sets)
         source = rollout_source(job, order)
@@ -163,6 +167,7 @@ def log_step(job: Job, step: int, ro: Rollout, row: dict, timer: StepTimer, prog
     row.update(timer.report(), **faulted.pop("numbers"), **job.scorer.failures())
     job.metrics.log(step, row, extra={"batch_ids": [job.train_set.examples[i].idx for i in ro.batch_ids], **faulted})
     job.faults.last_step = step
+    record(job.out, job.actors)
     print(progress.line(step) + "\n  " + format_row(step, row), flush=True)
     if job.cfg.log.sample_every and step % job.cfg.log.sample_every == 0:
         print(format_sample(job.train_set.examples[ro.batch_ids[0]], ro.groups[0][0], ro.rewards[0, 0].item()),

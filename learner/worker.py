@@ -52,6 +52,15 @@ def worker_env(device: str, threads: int) -> dict[str, str]:
     return env
 
 
+def own_process_tree() -> dict:
+    """`core.reap.process_tree` inside Ray; empty in a plain process."""
+    import ray
+
+    from core.reap import process_tree
+
+    return process_tree() if ray.is_initialized() else {}
+
+
 def node_address() -> str:
     """This node's address in the Ray cluster; 127.0.0.1 in a plain process (scripts/gpu_check.py runs the learner
     without Ray)."""
@@ -154,7 +163,9 @@ class LearnerWorker:
         self.weight_group = None
         self.plan = None
         self.pack_buffers = None
+        tree = own_process_tree()  # for reaping this rank after its driver is lost
         return {"rank": self.rank, "pid": os.getpid(), "node": node_address(), "started_at": started_at,
+                "node_id": tree.get("node_id"), "tree": tree.get("tree", []),
                 "params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
                 "layout": self.layout, "layout_note": layout_note,
                 "partitioned_at_build": partitioned_at_build, "ref_params_local": ref_local,

@@ -32,8 +32,10 @@ def test_exit_codes_come_from_one_table(capsys):
     assert exits.run_job(raising(StopRequested("SIGTERM: stopped after step 3"))) == exits.STOPPED == 75
     out = capsys.readouterr()
     assert "error: model.path: bad" in out.err and "error: after 3 restarts" in out.err and "SIGTERM" in out.out
-    with pytest.raises(ZeroDivisionError):  # a bug is not mapped to a code: its traceback is what helps
-        exits.run_job(raising(ZeroDivisionError()))
+    # a bug: its traceback, and the code for which the watching entry point starts the driver again
+    assert exits.run_job(raising(ZeroDivisionError("a bug"))) == exits.CRASHED == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError: a bug" in err
 
 
 def test_console_entry_points(tmp_path):
