@@ -12,6 +12,11 @@ The commit order makes every moment safe, whatever crashes when:
    removed. A step that already has a complete checkpoint is not written again.
 A crash leaves at most `.tmp-…` / `.del-…` folders, which are never loaded and are removed by the next save; the
 newest complete `step-…` folder stays loadable throughout.
+
+A save that cannot be written (no space, a read-only mount, a quota) raises `CheckpointWriteFailed` naming the
+folder and the bytes it needs, and leaves the previous checkpoint as it was: `room` checks the free space against
+the last checkpoint's size before anything is written (a full disk is found there), and `discard` removes a
+half-written folder. What the job then does is `ckpt.on_error`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,43 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+
+
+BYTES_PER_PARAM = 12  # the first checkpoint's size, before there is one to measure: fp32 weights + Adam's m and v
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written. `before_writing`: found by `room`, before any rank wrote a byte."""
+
+    def __init__(self, message: str, before_writing: bool):
+        super().__init__(message)
+        self.before_writing = before_writing
+
+
+def bytes_needed(output_dir: str | Path, params: int) -> int:
+    """What the next checkpoint will take: the size of the latest one, or an estimate from the parameter count."""
+    latest = latest_checkpoint(output_dir)
+    return sum(manifest(latest).values()) if latest else params * BYTES_PER_PARAM
+
+
+def room(output_dir: str | Path, step: int, need: int) -> None:
+    """Raise `CheckpointWriteFailed` unless the checkpoints folder is writable and has `need` bytes free."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    where = root / step_name(step)
+    if not os.access(root, os.W_OK):
+        raise CheckpointWriteFailed(f"cannot write the checkpoint {where}: {root} is not writable (a read-only "
+                                    f"mount?); it needs {need / 2**20:.1f} MiB", True)
+    if free < need:
+        raise CheckpointWriteFailed(f"no room for the checkpoint {where}: it needs {need / 2**20:.1f} MiB "
+                                    f"({need} bytes, the size of the last one), {free / 2**20:.1f} MiB are free on "
+                                    f"its filesystem", True)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a checkpoint folder that failed half-way (its space is what the next try needs)."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CheckpointNotShared(RuntimeError):

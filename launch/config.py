@@ -159,6 +159,10 @@ class CkptConfig(Strict):
     every: int = Field(50, ge=0)  # 0 = only at the end
     keep: int = Field(2, ge=1)
     export_hf: bool = True  # write a transformers/vLLM-loadable model at the end
+    # A checkpoint that cannot be written (no space, read-only, quota; the previous one stays as it was): stop the
+    # run with an error naming the path and the bytes needed (exit 1), or go on without that checkpoint (counted as
+    # checkpoint_failures; a failure after the ranks began writing stops a run of several learner ranks anyway).
+    on_error: Literal["stop", "continue"] = "stop"
 
 
 class LogConfig(Strict):

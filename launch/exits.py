@@ -30,12 +30,14 @@ def unusable() -> tuple[type, ...]:
 
 def failures() -> tuple[type, ...]:
     """Errors that ended a job that had started (exit 1), with a message that says why."""
-    from launch.checkpoint import CheckpointNotShared
+    from launch.checkpoint import CheckpointNotShared, CheckpointWriteFailed
+    from launch.metrics import MetricsNotWritten
     from launch.supervisor import RestartsExhausted
     from rewards import RewardFailed
     from rollout.group import EngineRestartsExhausted
 
-    return RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, RewardFailed
+    return (RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, CheckpointWriteFailed, MetricsNotWritten,
+            RewardFailed)
 
 
 def run_job(job: Callable[[], object]) -> int:

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
+class MetricsNotWritten(RuntimeError):
+    """metrics.jsonl could not be written (no space, read-only, quota): the run stops, with the file as it was."""
+
+
 class MetricsLog:
+    """metrics.jsonl holds whole lines only: a line that cannot be written in full is cut off again and the run
+    stops (`MetricsNotWritten`), and the file is rewritten on resume under another name, then renamed."""
+
     def __init__(self, output_dir: Path, cfg, start_step: int = 0):
         self.path = output_dir / "metrics.jsonl"
         # On resume drop lines past the checkpoint, so each step appears once.
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step] if start_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise MetricsNotWritten(f"cannot rewrite {self.path} on resume: {err}; it is left as it was") from err
         self.tb = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -30,8 +44,19 @@ class MetricsLog:
     def log(self, step: int, metrics: dict, extra: dict | None = None) -> None:
         """Numbers go everywhere; `extra` (e.g. the batch's example ids) only into metrics.jsonl."""
         row = {"step": step, **{k: v for k, v in metrics.items() if _is_number(v)}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**row, **(extra or {})}) + "\n")
+        line = (json.dumps({**row, **(extra or {})}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        whole = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            left = memoryview(line)
+            while left:  # a write may take part of the line, then fail
+                left = left[os.write(fd, left):]
+        except OSError as err:
+            os.ftruncate(fd, whole)  # never half a line
+            raise MetricsNotWritten(f"cannot write step {step}'s line to {self.path} ({len(line)} bytes): {err}; "
+                                    f"the file keeps its earlier lines whole") from err
+        finally:
+            os.close(fd)
         if self.tb:
             for k, v in row.items():
                 if k != "step":

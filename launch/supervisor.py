@@ -45,6 +45,7 @@ class Faults:
     driver_restarts: int = field(default_factory=lambda: int(os.environ.get(DRIVER_RESTARTS_ENV, 0)))  # by the
     # entry point (`launch.driver`): drivers of this job that died before this one
     steps_recomputed: int = 0
+    checkpoint_failures: int = 0  # checkpoints skipped under ckpt.on_error=continue
     engine_restarts: int = 0  # engines replaced in earlier attempts (the current EngineGroup counts its own)
     last_step: int = 0  # the last step logged
     failed_at: float | None = field(default_factory=lambda: float(os.environ[DRIVER_LOST_ENV])
@@ -80,6 +81,7 @@ class Faults:
         seen[0], seen[1] = seen[0] + len(new), seen[1] + len(checks)
         numbers = {"engine_restarts": self.engine_restarts + len(engines.restarts), "job_restarts": self.job_restarts,
                    "driver_restarts": self.driver_restarts, "steps_recomputed": self.steps_recomputed,
+                   "checkpoint_failures": self.checkpoint_failures,
                    "recover_seconds": sum(r.get("seconds", 0.0) for r in new)}
         if self.recover_seconds is not None:
             numbers["job_recover_seconds"], self.recover_seconds = self.recover_seconds, None

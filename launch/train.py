@@ -6,6 +6,7 @@ source of each train.pipeline), `launch.weights` (learner → engines), `launch.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from launch.exits import STOPPED
 from launch.metrics import MetricsLog, plot_curves, read_jsonl, summary
 from launch.outputs import resolve_output_dir
 from launch.rollouts import OneStepOff, Synchronous
-from launch.supervisor import Faults, StopRequested, StopSignals, supervise
+from launch.supervisor import INFRA_FAULTS, Faults, StopRequested, StopSignals, supervise
 from learner.group import LearnerGroup
 from rewards import Scorer
 
@@ -139,7 +140,7 @@ def loop(job: Job, source: Synchronous, start: int) -> int:
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step in (cfg.train.steps, cfg.train.stop_after) \
                 or stop.requested:
             with timer("checkpoint"), channel.lock:                         # 8. checkpoint
-                save(learners, cfg, job.out, step, ro.order_state)
+                save_or_go_on(job, step, ro.order_state)
         log_step(job, step, ro, row, timer, progress)                       # 9. log
         if stop.requested:
             raise StopRequested(f"{stop.requested}: stopped after step {step} with its checkpoint in {job.out}; "
@@ -201,16 +202,42 @@ def restore(cfg: Config, actors: Actors, resume_from: Path | None, prompts: int)
     return start, order
 
 
+def save_or_go_on(job: Job, step: int, order_state: dict) -> None:
+    """`save`; a checkpoint that cannot be written stops the run or, with ckpt.on_error=continue, is skipped."""
+    try:
+        save(job.actors.learners, job.cfg, job.out, step, order_state)
+    except checkpoint.CheckpointWriteFailed as err:
+        several = len(job.actors.learners.workers) > 1 and not err.before_writing  # ranks may be mid-collective
+        if job.cfg.ckpt.on_error == "stop" or several:
+            raise
+        job.faults.checkpoint_failures += 1
+        log.warning(f"{err}\nckpt.on_error=continue: going on without the checkpoint of step {step} "
+                    f"({job.faults.checkpoint_failures} failed so far); a restart resumes from the last complete one")
+
+
 def save(learners: LearnerGroup, cfg: Config, out: Path, step: int, order_state: dict) -> Path:
     """A complete checkpoint of `step` (kept as it is if one exists): every rank's shards, checked visible to every
-    rank and to the driver, then the trainer state, committed atomically (see `launch.checkpoint`)."""
+    rank and to the driver, then the trainer state, committed atomically (see `launch.checkpoint`). Raises
+    `CheckpointWriteFailed` when it cannot be written, with the previous checkpoint left as it was."""
     if checkpoint.exists(out, step):
         return checkpoint.checkpoints_dir(out) / checkpoint.step_name(step)
+    need = checkpoint.bytes_needed(out, learners.infos[0]["params"])
+    checkpoint.room(out, step, need)
     tmp = checkpoint.begin(out, step)
-    views = learners.save(str(tmp))
-    written = {f: size for view in views for f, size in view.items()}
-    for r, view in enumerate(views):
-        checkpoint.check_visible(view, written, learners.name(r), tmp)
-    checkpoint.check_visible(checkpoint.manifest(tmp), written, "the driver", tmp)
-    state = {"step": step, "order": order_state, "config": cfg.model_dump(mode="json")}
-    return checkpoint.commit(tmp, step, state, cfg.ckpt.keep)
+    try:
+        views = learners.save(str(tmp))
+        written = {f: size for view in views for f, size in view.items()}
+        for r, view in enumerate(views):
+            checkpoint.check_visible(view, written, learners.name(r), tmp)
+        checkpoint.check_visible(checkpoint.manifest(tmp), written, "the driver", tmp)
+        state = {"step": step, "order": order_state, "config": cfg.model_dump(mode="json")}
+        return checkpoint.commit(tmp, step, state, cfg.ckpt.keep)
+    except INFRA_FAULTS + (checkpoint.CheckpointNotShared,):
+        raise  # a dead or hung rank: the job restarts from the last complete checkpoint
+    except (OSError, RuntimeError) as err:  # a rank's write failed (no space, read-only, quota)
+        checkpoint.discard(tmp)
+        free = shutil.disk_usage(tmp.parent).free
+        raise checkpoint.CheckpointWriteFailed(
+            f"could not write the checkpoint {tmp.parent / checkpoint.step_name(step)} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1][:300]}); {free / 2**20:.1f} MiB are free on its filesystem and it "
+            f"needs about {need / 2**20:.1f} MiB; the last complete checkpoint is left as it was", False) from err
