@@ -38,7 +38,7 @@ JOB_STOP_WAIT_S = 600
 
 class LocalHead:
     def __init__(self, num_cpus: int | None = None, temp_dir: str | None = None):
-        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.num_cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1  # 0: a head without actors
         self.owns_temp_dir = temp_dir is None
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="rlvr-ray-")
         self.dashboard_port = free_port("127.0.0.1")
@@ -57,6 +57,7 @@ class LocalHead:
                                                      "dashboard-agent-grpc-port", "metrics-export-port",
                                                      "runtime-env-agent-port", "node-manager-port",
                                                      "object-manager-port")}
+        self.gcs_address = f"127.0.0.1:{ports['port']}"  # where more nodes join (bench/chaos.py)
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                f"--num-cpus={self.num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--temp-dir={self.temp_dir}", *(f"--{k}={v}" for k, v in ports.items())]

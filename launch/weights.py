@@ -37,6 +37,10 @@ class WeightChannel:
     def __init__(self, learners, engines, device: str, timeout_s: float, verify_prompt: list[int] | None = None):
         self.learners, self.engines = learners, engines
         self.backend, self.timeout_s = BACKEND_FOR_DEVICE[device], timeout_s
+        # The group's own timeout, for its rendezvous and for each bucket's collective: no bytes through it for this
+        # long, and every member's call raises (a stopped member found by the stall watch is killed, and the members
+        # waiting on it are freed within timeouts.stall_s, not broadcast_s).
+        self.group_timeout_s = min(timeout_s, engines.timeouts.stall_s)
         self.plan = learners.weight_plan()
         self.bytes = sum(b.nbytes for b in self.plan)
         self.version = self.learner_version = 0
@@ -99,9 +103,10 @@ class WeightChannel:
             host, port = self.learners.sender_address()
             world = 1 + self.engines.num_workers
             _, failed = self._run("weight group open",
-                                  self.learners.open_weight_group(self.backend, host, port, world, self.timeout_s),
-                                  self.engines.open_weight_group(self.backend, host, port, world, self.timeout_s,
-                                                                 self.plan))
+                                  self.learners.open_weight_group(self.backend, host, port, world,
+                                                                  self.group_timeout_s),
+                                  self.engines.open_weight_group(self.backend, host, port, world,
+                                                                 self.group_timeout_s, self.plan))
             if not failed:
                 return
 

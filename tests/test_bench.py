@@ -38,3 +38,26 @@ def test_learner_layout_bench_runs_on_cpu():
     assert "shared ÷ padded" in line and "packed ÷ padded" in line, line
     losses = [float(x) for x in line.split("losses ")[1].split(" = ")]
     assert max(losses) - min(losses) < 1e-5, line  # the same loss in every layout
+
+
+def test_chaos_soak_short(cpu_vllm):
+    """bench/chaos.py's short version: the faults no other test makes at the default timeouts and through a real
+    multi-node `ray job submit` (tests/test_faults.py kills engines and the learner): engine SIGSTOP, a whole node
+    lost (a spare added) and driver kill -9, into the toy job on 4 one-CPU nodes. The job ends in one Ray job with
+    every step logged once and its model exported, nothing of it is left, each fault costs at most ckpt.every (10)
+    steps computed again, and a stopped engine at most 90 s (found from progress at timeouts.stall_s, 45 s, where
+    the generate timeout is 1200 s)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    kinds = ["engine_stop", "node_loss", "driver_kill"]
+    out = subprocess.run([sys.executable, "bench/chaos.py", "--steps", "20", "--faults", "1", "--seed", "1",
+                          "--kinds", ",".join(kinds), "--timeout", "1200"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1500)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:7]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| fault")}
+    assert sorted(rows) == sorted(kinds), out.stdout
+    for kind, (injected, survived, _, worst, redo) in rows.items():
+        assert int(injected) == int(survived) == 1 and int(redo) <= 10, (kind, out.stdout)
+    assert float(rows["engine_stop"][3]) <= 90, out.stdout
+    for check in ("every step logged exactly once", "final model exported", "no process of the run left"):
+        assert f"ok   {check}" in out.stdout, out.stdout

@@ -19,7 +19,6 @@ from launch.checkpoint import latest_checkpoint
 from launch.local_job import ROOT, LocalHead, _group_alive
 from launch.metrics import mean_of, read_jsonl
 from launch.exits import STOPPED as EXIT_STOPPED
-from launch.outputs import LOCK_FILE
 from tests import procs
 
 pytestmark = pytest.mark.integration
@@ -93,11 +92,11 @@ def test_no_secret_reaches_an_output_file(head, uninterrupted):
     assert not leaks and not any(s.decode() in log for s in planted), leaks
 
 
-def test_a_run_stopped_three_ways_resumes_each_time_also_after_a_code_edit(head, uninterrupted, tmp_path):
-    """One run interrupted the ways users interrupt one, and each time resumed: `train.stop_after=7` (a checkpoint at
-    step 7) and `ray job stop` (SIGTERM: the job ends its step, writes a checkpoint, exits 75), each resumed by
-    submitting the same command again, after a code edit the second time; then kill -9 of the driver, which the
-    entry point starts again in the same Ray job. Under `ray job submit --working-dir`, a relative output_dir lands
+def test_a_run_stopped_two_ways_resumes_each_time_also_after_a_code_edit(head, uninterrupted, tmp_path):
+    """One run interrupted the ways users interrupt one, and each time resumed by submitting the same command again:
+    `train.stop_after=7` (a checkpoint at step 7); `ray job stop` (SIGTERM: the job ends its step, writes a
+    checkpoint, exits 75); a code edit between submissions. (A driver killed with -9 is started again inside the
+    same job: tests/test_bench.py's chaos soak.) Under `ray job submit --working-dir`, a relative output_dir lands
     under ~/rlvr (here a test HOME), not in Ray's copy of the code, so every submission finds the checkpoint. In
     the end each step ran once, with the same step counter and prompts as an uninterrupted run."""
     code_dir, home = tmp_path / "code", tmp_path / "home"
@@ -134,26 +133,11 @@ def test_a_run_stopped_three_ways_resumes_each_time_also_after_a_code_edit(head,
 
     with open(code_dir / "launch" / "train.py", "a") as f:
         f.write("\n# an edit between submissions: Ray unpacks this code into a new folder\n")
-    killed = {}
-
-    def kill_the_driver_2_steps_on(job_id, cli):
-        def watch():
-            procs.wait_for(lambda: steps_logged(out) >= stopped + 2, 300, 0.2, f"step {stopped + 2}")
-            killed["driver"] = json.loads((out / LOCK_FILE).read_text())["pid"]  # the process holding the run
-            killed["actors"] = [a["pid"] for a in json.loads((out / "actors.json").read_text())["actors"]]
-            os.kill(killed["driver"], signal.SIGKILL)
-        threading.Thread(target=watch, daemon=True).start()
-
-    code, log = submit(head, *args, working_dir=code_dir, env=env, on_start=kill_the_driver_2_steps_on)
+    code, log = submit(head, *args, working_dir=code_dir, env=env)
     assert code == 0 and "resumed from" in log and f"at step {stopped}" in log, log[-3000:]
-    assert f"the driver (pid {killed['driver']}) was killed by SIGKILL: starting it again" in log, log[-3000:]
-    assert len(killed["actors"]) == 2 and not any(procs.alive(p) for p in [killed["driver"], *killed["actors"]])
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["batch_ids"] for r in rows] == [r["batch_ids"] for r in full_rows]  # nothing replayed or skipped
-    assert rows[-1]["driver_restarts"] == 1 and rows[-1]["job_restarts"] == 0
-    assert 1 <= rows[-1]["steps_recomputed"] <= 10  # from the checkpoint of step `stopped`: at most ckpt.every
-    assert [r["step"] for r in rows if "job_recover_seconds" in r] == [stopped + 1]  # the new driver's first step
 
 
 @pytest.fixture(scope="module")
