@@ -98,8 +98,11 @@ def record(out: Path, actors: Actors) -> None:
     infos = [i for g in (actors.engines, actors.learners) if g is not None for i in g.infos if i.get("tree")]
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
     tmp = out / (RECORD + ".tmp")
-    tmp.write_text(json.dumps({"driver": me, "actors": infos}))
-    os.replace(tmp, out / RECORD)
+    try:
+        tmp.write_text(json.dumps({"driver": me, "actors": infos}))
+        os.replace(tmp, out / RECORD)
+    except OSError as err:  # best effort (a full disk): Ray kills a dead driver's actors by itself anyway
+        log.warning(f"could not write {out / RECORD}: {err}")
 
 
 def reap_leftovers(out: Path) -> None:

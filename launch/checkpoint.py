@@ -48,7 +48,11 @@ def bytes_needed(output_dir: str | Path, params: int) -> int:
 def room(output_dir: str | Path, step: int, need: int) -> None:
     """Raise `CheckpointWriteFailed` unless the checkpoints folder is writable and has `need` bytes free."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointWriteFailed(f"cannot make the checkpoints folder {root}: {err}", True) from err
+    clear_debris(root)  # a save that crashed half-way holds space the next one needs
     free = shutil.disk_usage(root).free
     where = root / step_name(step)
     if not os.access(root, os.W_OK):
@@ -98,11 +102,16 @@ def begin(output_dir: str | Path, step: int) -> Path:
     """A fresh temporary folder for the checkpoint of `step`; debris of crashed saves and removals is cleared."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    clear_debris(root)
     tmp = root / f".tmp-{step_name(step)}"
     tmp.mkdir()
     return tmp
+
+
+def clear_debris(root: Path) -> None:
+    """Remove what crashed saves and removals left (`.tmp-…`, `.del-…`): never loaded, never complete."""
+    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def manifest(folder: str | Path) -> dict[str, int]:

@@ -28,7 +28,10 @@ def is_driver() -> bool:
 def how_it_ended(code: int) -> str | None:
     """Why a driver's exit code calls for a restart, or None when the code is the job's own answer."""
     if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
     if code == CRASHED:
         return "crashed (its traceback is above)"
     return None
@@ -38,23 +41,23 @@ def watch(argv: list[str], max_restarts: int) -> int:
     """Run the driver (`launch/gsm8k.py` with `argv`) until it ends with the job's own exit code; start it again
     after a kill or a crash, at most `max_restarts` times. Returns the exit code for `ray job submit`."""
     entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k.py")
-    restarts, lost_at, stopping = 0, None, []
+    restarts, lost_at, stopping, child = 0, None, [], None
+
+    def pass_on(signum, frame):  # noqa: ARG001 - a stop: the driver ends its step with a checkpoint (SIGHUP too)
+        stopping.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # for the whole watch, restart pauses included
+        signal.signal(s, pass_on)
     while True:
         env = {**os.environ, DRIVER_RESTARTS_ENV: str(restarts)}
         if lost_at is not None:
             env[DRIVER_LOST_ENV] = repr(lost_at)
-        child = subprocess.Popen([sys.executable, entry, *argv], env=env)
-
-        def pass_on(signum, frame, child=child):  # noqa: ARG001
-            stopping.append(signum)
-            child.send_signal(signum)
-
-        saved = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        try:
-            code = child.wait()
-        finally:
-            for s, handler in saved.items():
-                signal.signal(s, handler)
+        # a restarted driver resumes whatever train.resume said (a run killed mid-way has checkpoints to resume)
+        extra = ["train.resume=auto"] if restarts else []
+        child = subprocess.Popen([sys.executable, entry, *argv, *extra], env=env)
+        code = child.wait()
         why = how_it_ended(code)
         if why is None or stopping:
             return code if code >= 0 else 1

@@ -45,9 +45,12 @@ class MetricsLog:
         """Numbers go everywhere; `extra` (e.g. the batch's example ids) only into metrics.jsonl."""
         row = {"step": step, **{k: v for k, v in metrics.items() if _is_number(v)}}
         line = (json.dumps({**row, **(extra or {})}) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        whole = os.lseek(fd, 0, os.SEEK_END)
         try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise MetricsNotWritten(f"cannot open {self.path} to write step {step}'s line: {err}") from err
+        try:
+            whole = os.lseek(fd, 0, os.SEEK_END)
             left = memoryview(line)
             while left:  # a write may take part of the line, then fail
                 left = left[os.write(fd, left):]

@@ -61,6 +61,9 @@ class Faults:
             self.steps_recomputed = int(last.get("steps_recomputed", 0)) + last["step"] + 1 - resume_step
             self.job_restarts, self.engine_restarts = int(last.get("job_restarts", 0)), \
                 self.engine_restarts + int(last.get("engine_restarts", 0))
+        self.last_step = resume_step
+        if rows:
+            self.checkpoint_failures = int(rows[-1].get("checkpoint_failures", 0))
         log.warning(f"driver restart {self.driver_restarts}: resumed at step {resume_step}; "
                     f"{self.steps_recomputed} step(s) computed again so far")
 
@@ -103,11 +106,16 @@ class StopSignals:
     def __init__(self):
         self.requested: str | None = None
         self._saved: dict = {}
+        self._at = 0.0
+
+    REPEAT_S = 1.0  # one Ctrl-C reaches both the entry point and the driver, which then passes it on too
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
+            if time.monotonic() - self._at < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
         log.warning(f"{self.requested} received: stopping after this step, with a checkpoint")
 
     def __enter__(self) -> "StopSignals":

@@ -48,8 +48,11 @@ class StallWatch:
     on its way. An engine is hung when its probe has gone unanswered for `stall_s` (a stopped process), or when its
     work count has not moved for `stall_s` (a wedged engine). The second is not asked of a collective (`collective`:
     the weight group's open, close and sync), where a healthy member waits without work for a hung one: there a
-    wedged member that still answers is found at the phase's timeout. An engine found hung is killed there and
-    then, so that a peer blocked on it in a collective (the learner's broadcast) fails at once."""
+    wedged member that still answers is found at the group's timeout. An engine found hung is killed there and
+    then (`ray.kill`; `EngineGroup.restart` reaps its process tree), so that a peer blocked on it in a collective
+    fails at once."""
+
+    FIRST_STEP_FACTOR = 4
 
     def __init__(self, group: "EngineGroup", engine_of: dict[int, int], collective: bool = False):
         self.group, self.engine_of, self.collective = group, engine_of, collective
@@ -59,6 +62,7 @@ class StallWatch:
         self.count: dict[int, int | None] = {k: None for k in engine_of.values()}
         self.moved = {k: now for k in engine_of.values()}  # when its count last moved
         self.answered = dict(self.moved)  # when its last probe came back
+        self.moves = {k: 0 for k in engine_of.values()}  # the first answer counts as one
         self.probes: dict[int, object] = {}
         self.found: set[int] = set()
 
@@ -74,14 +78,17 @@ class StallWatch:
                     continue
                 self.answered[k] = now
                 if count != self.count[k]:
-                    self.count[k], self.moved[k] = count, now
+                    self.count[k], self.moved[k], self.moves[k] = count, now, self.moves[k] + 1
             if k not in self.probes:
                 self.probes[k] = self.group.engines[k].progress.remote()
+            # A call's first engine step may be long (a fresh engine's first step, a big prefill): until the count
+            # has moved twice in this call, "no work" waits FIRST_STEP_FACTOR × stall_s.
             silent, idle = now - self.answered[k], now - self.moved[k]
-            if silent > self.stall_s or (idle > self.stall_s and not self.collective):
+            idle_limit = self.stall_s * (1 if self.moves[k] >= 2 else self.FIRST_STEP_FACTOR)
+            if silent > self.stall_s or (idle > idle_limit and not self.collective):
                 how = f"no answer for {silent:.0f}s" if silent > self.stall_s else f"no work for {idle:.0f}s"
                 log.warning(f"{self.group.name(k)} made no progress ({how}): killing it as hung")
-                kill_trees([(self.group.engines[k], self.group.infos[k])], 10.0)
+                ray.kill(self.group.engines[k], no_restart=True)  # its process tree is reaped by `restart`
                 self.found.add(k)
                 hung.update({i: f"made no progress ({how}; timeouts.stall_s={self.stall_s:g}): hung or stopped"
                              for i in pending if self.engine_of.get(i) == k})
