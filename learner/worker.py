@@ -53,8 +53,11 @@ def worker_env(device: str, threads: int) -> dict[str, str]:
 
 
 def own_process_tree() -> dict:
-    """`core.reap.process_tree` inside Ray; empty in a plain process."""
-    import ray
+    """`core.reap.process_tree` inside Ray; empty in a plain process (scripts/gpu_check.py's kit has no Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return {}
 
     from core.reap import process_tree
 
