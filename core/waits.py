@@ -55,8 +55,9 @@ def first_line(err: BaseException | None) -> str:
 def settle(refs: list, timeout_s: float,
            stalled: Callable[[list[int]], dict[int, str]] | None = None) -> list[Outcome]:
     """Wait for every call until they all end or the deadline passes; never raises. Calls still running at the
-    deadline are "hung". `stalled`, asked every POLL_S (or its `every_s`) with the indices of the calls still running, names those that
-    are hung already (index → why): they are "hung" at once, and the wait goes on for the others."""
+    deadline are "hung". `stalled`, asked every POLL_S (or its `every_s`) with the indices of the calls still
+    running, names those that are hung already (index → why): they are "hung" at once, and the wait goes on for the
+    others."""
     outcomes: list[Outcome | None] = [None] * len(refs)
     index = {ref: i for i, ref in enumerate(refs)}
     pending, deadline = list(refs), time.monotonic() + timeout_s

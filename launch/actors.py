@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from core.models import check_model
 from core.reap import reap
 from launch.cluster import place
 from launch.config import Config, ConfigError
-from launch.outputs import process_start
+from launch.outputs import alive_on_this_host, this_process
 from launch.supervisor import Faults
 from launch.weights import WeightChannel
 from learner.group import LearnerGroup
@@ -31,6 +30,7 @@ class Actors:
     engines: EngineGroup | None
     channel: WeightChannel | None
     placement_groups: tuple
+    recorded: str = ""  # what `record` last wrote
 
     def connect(self, cfg: Config, device: str, verify_prompt: list[int]) -> None:
         """Wait until every actor has started, then open the weight channel."""
@@ -96,11 +96,14 @@ def record(out: Path, actors: Actors) -> None:
     """Write down which processes this driver's actors are (after they start, and at every step, so that a
     replacement is in it): if the driver is killed, the next one reaps them (`reap_leftovers`)."""
     infos = [i for g in (actors.engines, actors.learners) if g is not None for i in g.infos if i.get("tree")]
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    text = json.dumps({"driver": this_process(), "actors": infos})
+    if text == actors.recorded:
+        return  # no actor replaced since the last write
     tmp = out / (RECORD + ".tmp")
     try:
-        tmp.write_text(json.dumps({"driver": me, "actors": infos}))
+        tmp.write_text(text)
         os.replace(tmp, out / RECORD)
+        actors.recorded = text
     except OSError as err:  # best effort (a full disk): Ray kills a dead driver's actors by itself anyway
         log.warning(f"could not write {out / RECORD}: {err}")
 
@@ -115,7 +118,7 @@ def reap_leftovers(out: Path) -> None:
     except (OSError, ValueError):
         return
     driver = rec.get("driver", {})
-    if driver.get("host") == socket.gethostname() and process_start(int(driver.get("pid", -1))) == driver.get("start"):
+    if alive_on_this_host(driver):
         return  # that driver is alive: this is an in-job restart of it, or another process
     log.info(f"the previous driver (pid {driver.get('pid')}) is gone: reaping what is left of its "
              f"{len(rec.get('actors', []))} actor process tree(s)")

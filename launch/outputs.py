@@ -65,22 +65,32 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def this_process() -> dict:
+    """This process as {host, pid, start}: what `alive_on_this_host` tells apart later from a reused pid."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+
+
+def alive_on_this_host(holder: dict) -> bool | None:
+    """Whether a process recorded by `this_process` still runs; None when it was recorded on another host."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    start = process_start(int(holder.get("pid", -1)))
+    return start is not None and start == holder.get("start")
+
+
 class OutputLock:
     HEARTBEAT_S = 15.0
     STALE_S = 120.0
 
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-                   "job_id": ray_job_id(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {**this_process(), "job_id": ray_job_id(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def holder_alive(self, holder: dict, age_s: float) -> bool:
-        if holder.get("host") == self.me["host"]:
-            start = process_start(int(holder.get("pid", -1)))
-            return start is not None and start == holder.get("start")
-        return age_s < self.STALE_S
+        here = alive_on_this_host(holder)
+        return age_s < self.STALE_S if here is None else here
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)

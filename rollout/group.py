@@ -1,8 +1,8 @@
 """`EngineGroup`: M `RolloutEngine` actors in the rollout placement group, used as one sampler that outlives its
 engines.
 
-An engine that dies (its process killed, OOM, its node lost) or hangs is killed and re-created in its own placement-group bundle, and the prompts it held are generated again, on every
-engine: the caller gets all its groups in prompt order as if nothing had happened. Once the engines are in a
+An engine that dies (its process killed, OOM, its node lost) or hangs is killed and re-created in its own
+placement-group bundle, and the prompts it held are generated again, on every engine: the caller gets all its groups in prompt order as if nothing had happened. Once the engines are in a
 weight group, a replacement is not a member and serves its startup weights, so `generate` raises `EnginesReplaced`
 instead, holding what was generated so far: the weight channel (`launch.weights`) opens a group over the new
 membership, sends the learner's current weights, and generates the rest with it as `resume`.
