@@ -18,7 +18,11 @@
    (on CPU the peak is the process's RSS high-water mark): padded (a row per sample: each prompt once per sample),
    shared (each prompt once per micro-batch), packed (one row per micro-batch), and the ratios to padded.
 
-    .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32] [--part layouts]
+5. Gradient checkpointing and micro-batch size on the CPU default's work (SmolLM2-135M, fp32, groups of 8 of
+   GSM8K-shaped samples, `learner.layout: auto`): completion tokens/s of a train step (best of --steps after a
+   warm-up) and peak RSS, a fresh learner per setting; how the CPU preset's setting was chosen.
+
+    .venv/bin/python bench/learner.py [--ranks 1 --threads 2 --zero 2 --samples 32] [--part layouts|checkpointing]
 """
 import argparse
 import json
@@ -169,6 +173,35 @@ def layout_rates(args) -> None:
               f"losses {losses}", flush=True)
 
 
+def checkpointing_rates(args) -> None:
+    from core.models import resolve_model
+    from reference import gsm8k_shaped
+
+    model = resolve_model(args.layout_model)
+    batch = gsm8k_shaped(args.ckpt_samples // 8, 8, args.layout_prompt_len, args.layout_shortest,
+                         args.layout_longest)
+    tokens = sum(len(s.completion_ids) for s in batch)
+    print(f"gradient checkpointing × micro-batch, {args.layout_model}: {len(batch)} samples per step (groups of 8, "
+          f"prompts of {args.layout_prompt_len}, completions {args.layout_shortest}-{args.layout_longest}, {tokens} "
+          f"completion tokens), layout auto; {args.ranks} rank(s) × {args.threads} thread(s), ZeRO-{args.zero}, "
+          f"fp32, best of {args.steps} after a warm-up, a fresh learner each", flush=True)
+    print("| checkpointing | micro-batch | completion tok/s | peak RSS GiB | loss |\n|---|---|---|---|---|", flush=True)
+    got = {}
+    for checkpointing in (1, 0):
+        for micro in args.micro_batches:
+            cfg = LearnerConfig(num_workers=args.ranks, threads=args.threads, zero_stage=args.zero, lr=1e-6,
+                                micro_batch_size=micro, gradient_checkpointing=bool(checkpointing))
+            rate, learners, m = train_tokens_per_s(model, cfg, batch, args.steps)
+            learners.shutdown()
+            got[checkpointing, micro] = rate
+            print(f"| {'on' if checkpointing else 'off'} | {micro} | {rate:.0f} | {m.learner_peak_gib:.2f} | "
+                  f"{m.loss:+.6f} |", flush=True)
+    best = max(got, key=got.get)
+    base = got.get((1, 8), next(iter(got.values())))
+    print(f"  fastest: checkpointing {'on' if best[0] else 'off'}, micro-batch {best[1]}: {got[best] / base:.2f}× "
+          f"checkpointing on at micro-batch 8", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=1)
@@ -180,7 +213,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--memory-completion-len", type=int, default=256)
-    ap.add_argument("--part", choices=["all", "layouts"], default="all")
+    ap.add_argument("--part", choices=["all", "layouts", "checkpointing"], default="all")
     ap.add_argument("--layout-model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--layout-samples", type=int, default=16, help="per step, all in one micro-batch")
     ap.add_argument("--groups-of", type=int, nargs="+", default=[8, 16])
@@ -188,6 +221,8 @@ def main() -> None:
     ap.add_argument("--layout-shortest", type=int, default=40)
     ap.add_argument("--layout-longest", type=int, default=128)
     ap.add_argument("--layout-checkpointing", type=int, default=1, choices=[0, 1])
+    ap.add_argument("--ckpt-samples", type=int, default=16, help="part 5: samples per step, groups of 8")
+    ap.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16], help="part 5")
     ap.add_argument("--one-microbatch", nargs=3, metavar=("WHICH", "MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one_microbatch:
@@ -195,6 +230,10 @@ def main() -> None:
         print(json.dumps(one_microbatch_memory(which, model, **json.loads(shape))))
         return
     common.start_ray(num_cpus=max(4, args.ranks + 1))
+    if args.part == "checkpointing":
+        checkpointing_rates(args)
+        ray.shutdown()
+        return
     layout_rates(args)
     if args.part == "layouts":
         ray.shutdown()
@@ -241,6 +280,7 @@ def main() -> None:
     print(f"  weight broadcast of {nbytes / 2**20:.0f} MiB in {len(plan)} bucket(s), best of {args.steps} after 2 "
           f"warm-ups: {ours:.3f} s; one raw flat gloo broadcast of the same bytes: {raw:.3f} s; ratio {ours / raw:.2f}")
     learners.shutdown()
+    checkpointing_rates(args)
     ray.shutdown()
 
 

@@ -14,7 +14,7 @@ import torch
 
 from core.types import LearnerStats, Sample, TrainSample
 from launch.config import Config, ConfigError, Fields
-from launch.data import Example, PromptOrder, encode_prompts, load_examples
+from launch.data import Example, PromptOrder, encode_prompts, load_examples, split_holdout
 from learner.grpo import group_advantages, overlong_penalty
 from rewards import Scorer
 
@@ -60,35 +60,47 @@ def make_scorer(cfg: Config) -> Scorer:
 
 
 def prompt_set(cfg: Config, tokenizer, source: str, split: str, fields, label: str, count: int | None = None,
-               name: str = "") -> PromptSet:
+               name: str = "", part: str | None = None) -> PromptSet:
     """The first `count` rows of a split that parse, as prompt token ids (those over data.max_prompt_tokens
-    dropped). Errors of the data are the config's to fix (exit 2)."""
+    dropped); `part` "train" or "holdout" takes that part of the split (data.holdout). Errors of the data are the
+    config's to fix (exit 2)."""
     try:
-        examples = load_examples(split, source, fields, label=label)[:count]
-    except ValueError as err:  # no usable rows, a split the source lacks
+        examples = load_examples(split, source, fields, label=label)
+        if part is not None:
+            train, held = split_holdout(examples, cfg.data.holdout)
+            examples = train if part == "train" else held
+    except ValueError as err:  # no usable rows, a split the source lacks, a template naming an absent field
         raise ConfigError(f"{label}: {err}") from None
-    examples, ids, _ = encode_prompts(examples, cfg.data, tokenizer)
+    examples, ids, _ = encode_prompts(examples[:count], cfg.data, tokenizer)
     if not ids:
         raise ConfigError(f"no {label} {split} prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
     return PromptSet(examples, ids, name)
 
 
 def load_train(cfg: Config, tokenizer) -> PromptSet:
-    return prompt_set(cfg, tokenizer, cfg.data.source, cfg.data.train_split, cfg.data, cfg.task.name)
+    d = cfg.data
+    return prompt_set(cfg, tokenizer, d.source, d.train_split, d, cfg.task.name, part="train" if d.holdout else None)
 
 
 def load_eval_sets(cfg: Config, tokenizer) -> list[PromptSet]:
-    """data.test_split first (logged as eval/...), then every eval.sets entry (eval/<name>/...)."""
-    sets = [prompt_set(cfg, tokenizer, cfg.data.source, cfg.data.test_split, cfg.data, cfg.task.name,
-                       cfg.eval.num_examples)]
+    """data.test_split (or data.holdout's rows of train_split) first, logged as eval/..., then every eval.sets entry
+    (eval/<name>/...)."""
+    d = cfg.data
+    split, part = (d.train_split, "holdout") if d.holdout else (d.test_split, None)
+    sets = [prompt_set(cfg, tokenizer, d.source, split, d, cfg.task.name, cfg.eval.num_examples, part=part)]
     for e in cfg.eval.sets:
-        fields = Fields(**{k: getattr(e, k) if getattr(e, k) is not None else getattr(cfg.data, k)
+        fields = Fields(**{k: getattr(e, k) if getattr(e, k) is not None else getattr(d, k)
                            for k in Fields.model_fields})
-        if e.prompt_field is not None and e.messages_field is None:  # a set that names its prompt field
-            fields.messages_field = None                                 # does not inherit data's chat field
+        if any(getattr(e, k) is not None for k in PROMPT_KEYS):  # a set that says where its prompt is inherits
+            for k in PROMPT_KEYS:                                 # none of data's other prompt keys
+                if getattr(e, k) is None and k != "prompt_field":
+                    setattr(fields, k, None)
         sets.append(prompt_set(cfg, tokenizer, e.source, e.split, fields, e.name,
                                e.num_examples or cfg.eval.num_examples, e.name))
     return sets
+
+
+PROMPT_KEYS = ("prompt_field", "messages_field", "question_template")  # where a row's prompt comes from
 
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
@@ -199,7 +211,8 @@ def evaluate(sampler: Sampler, sets: list[PromptSet], cfg: Config, scorer: Score
 def eval_numbers(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, prefix: str) -> dict:
     """One eval set's numbers: accuracy (the mean over every sample), format_rate, reward (the weighted total),
     completion_len, n (questions); with k > 1 samples per question also pass@k (the mean of each question's best
-    accuracy: for 0/1 scores, the share of questions with a correct sample) and mean@k (= accuracy)."""
+    accuracy: for 0/1 scores, the share of questions with a correct sample), mean@k (= accuracy) and mixed@k (the share
+of questions whose samples differ in accuracy: the groups that would carry a learning signal in training)."""
     k = len(groups[0])
     flat, totals, details = score_groups(scorer, groups, examples)
     acc = details["accuracy"]
@@ -210,7 +223,9 @@ def eval_numbers(groups: list[list[Sample]], examples: list[Example], scorer: Sc
                completion_len=sum(len(s.completion_ids) for s, _ in flat) / len(flat), n=len(groups))
     if k > 1:
         best = [max(acc[i * k:(i + 1) * k]) for i in range(len(groups))]
-        row.update({f"pass@{k}": sum(best) / len(best), f"mean@{k}": row["accuracy"]})
+        mixed = [len(set(acc[i * k:(i + 1) * k])) > 1 for i in range(len(groups))]
+        row.update({f"pass@{k}": sum(best) / len(best), f"mean@{k}": row["accuracy"],
+                    f"mixed@{k}": sum(mixed) / len(mixed)})
     return {prefix + key: v for key, v in row.items()}
 
 

@@ -73,7 +73,7 @@ def detect_device(requested: str, cfg=None) -> str:
             need = (f": GPU: need {sum(b['GPU'] for b in learner + rollout):g} (learner "
                     f"{sum(b['GPU'] for b in learner):g} + rollout {sum(b['GPU'] for b in rollout):g}), cluster has 0")
         raise ClusterTooSmall(f"train.device=cuda but the Ray cluster has no GPU{need}; on a machine without GPUs use "
-                              f"a CPU preset (e.g. configs/gsm8k_smollm2_cpu.yaml)")
+                              f"a CPU preset (e.g. configs/mawps_smollm2_cpu.yaml)")
     if requested == "auto":
         return "cuda" if has_gpu else "cpu"
     return requested

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from core.config import GRPOConfig, LearnerConfig, RolloutConfig, Strict
 from core.types import Timeouts
@@ -52,10 +52,42 @@ class Fields(Strict):
 
     prompt_field: str = "question"
     messages_field: str | None = None  # a list of chat messages instead of prompt_field; needs data.chat_template
+    # The question built from several fields of a row instead of prompt_field, e.g. SVAMP's "{Body} {Question}".
+    # Each {name} is a field of the row; a name no row has is a config error naming it.
+    question_template: str | None = None
     answer_field: str = "answer"
     # How the ground truth is taken from answer_field: gsm8k (the number after `####`), boxed (the last \boxed{} of
-    # a worked solution, as MATH's `solution`), none (the field as it is, e.g. `42`, `\frac{1}{2}`)
-    answer_extract: Literal["gsm8k", "boxed", "none"] = "gsm8k"
+    # a worked solution, as MATH's `solution`), number (the field's leading number, e.g. ASDiv's `9 (apples)`), none
+    # (the field as it is, e.g. `42`, `\frac{1}{2}`)
+    answer_extract: Literal["gsm8k", "boxed", "number", "none"] = "gsm8k"
+
+    @field_validator("question_template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)  # raises on a malformed template
+        return value
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a question template names, in order; a ValueError for anything but plain `{name}`s."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"question_template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or spec or conversion or any(c in name for c in ".[]"):
+            raise ValueError(f"question_template {template!r}: each {{...}} must be a plain field name, "
+                             f"got {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}")
+        names.append(name)
+    if not names:
+        raise ValueError(f"question_template {template!r} names no field: write e.g. \"{{Body}} {{Question}}\"")
+    return names
 
 
 class DataConfig(Fields):
@@ -71,6 +103,9 @@ class DataConfig(Fields):
     system_prompt: str | None = None  # only with chat_template
     few_shot: list[FewShot] = []  # example turns before the question; only with chat_template
     max_prompt_tokens: int = Field(512, ge=8)  # longer prompts are dropped at load time and counted
+    # Hold out this many rows of train_split (a fixed choice, the same for every train.seed) as the eval set in place
+    # of test_split, for a dataset with one split; rows whose question equals a held-out one are not trained on.
+    holdout: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -121,9 +156,12 @@ class EvalSet(Strict):
     split: str = "test"
     prompt_field: str | None = None
     messages_field: str | None = None
+    question_template: str | None = None
     answer_field: str | None = None
-    answer_extract: Literal["gsm8k", "boxed", "none"] | None = None
+    answer_extract: Literal["gsm8k", "boxed", "number", "none"] | None = None
     num_examples: int | None = Field(None, ge=1)  # None = eval.num_examples
+
+    _check_template = field_validator("question_template")(lambda cls, value: Fields._check_template(value))
 
 
 class EvalConfig(Strict):
@@ -268,7 +306,8 @@ def read_preset(path: str | Path) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`["rollout.n=8", "rewards.format=0.5"]` → nested dict; values are parsed as YAML scalars/lists."""
+    """`["rollout.n=8", "rewards.format=0.5"]` → nested dict; values are parsed as YAML scalars/lists (a value that is
+    not YAML is taken as text)."""
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -280,7 +319,13 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is set twice")
-        node[leaf] = yaml.safe_load(value) if value else ""
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:  # not YAML (e.g. `{Body} {Question}`): the text as it is
+            parsed = value
+        if isinstance(parsed, dict) and parsed and all(v is None for v in parsed.values()):
+            parsed = value  # `{Body}` is a YAML set, which no key takes: a template's text
+        node[leaf] = parsed
     return out
 
 

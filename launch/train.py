@@ -105,7 +105,7 @@ def run(cfg: Config, out: Path, device: str, stop: StopSignals, faults: Faults, 
         scorer.close()  # after the rollout thread has ended
     rows = read_jsonl(metrics.path)
     plot_curves(rows, out / "curves.png", f"GRPO {cfg.model.path} on {cfg.task.name} ({device})")
-    text = summary(rows, out, time.time() - wall)
+    text = summary(rows, out, time.time() - wall, cfg.task.name)
     print(text, flush=True)
     return {"step": step, "rows": rows, "summary": text, "output_dir": str(out)}
 

@@ -50,7 +50,11 @@ class RolloutEngine:
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
         )
         if device == "cpu":
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gb * (1 << 30)))
+            # No chunked prefill on CPU: a prompt split across steps makes vLLM rewind its request's seeded generator
+            # (`set_offset`), which a CPU generator does not have, so seeded sampling (sampled eval) would crash as
+            # soon as a batch's prompts exceed one step's token budget.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gb * (1 << 30)),
+                          enable_chunked_prefill=False)
         else:
             kwargs.update(enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
         start = time.perf_counter()

@@ -40,6 +40,22 @@ def test_learner_layout_bench_runs_on_cpu():
     assert max(losses) - min(losses) < 1e-5, line  # the same loss in every layout
 
 
+def test_learner_checkpointing_bench_runs_on_cpu():
+    """bench/learner.py's checkpointing × micro-batch part at tiny sizes: one row per setting, the same loss in each
+    (checkpointing recomputes, micro-batches split the same sum)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "bench/learner.py", "--part", "checkpointing", "--layout-model",
+                          "builtin:tiny-qwen2", "--ckpt-samples", "8", "--micro-batches", "4", "8",
+                          "--layout-prompt-len", "40", "--layout-shortest", "8", "--layout-longest", "24", "--steps",
+                          "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| o")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("on", "4"), ("on", "8"), ("off", "4"), ("off", "8")]
+    losses = [float(r[4]) for r in rows]
+    assert max(losses) - min(losses) < 1e-5 and all(float(r[2]) > 0 for r in rows), out.stdout
+    assert "fastest: checkpointing" in out.stdout
+
+
 def test_chaos_soak_short(cpu_vllm):
     """bench/chaos.py's short version: the faults no other test makes at the default timeouts and through a real
     multi-node `ray job submit` (tests/test_faults.py kills engines and the learner): engine SIGSTOP, a whole node

@@ -141,7 +141,7 @@ def test_missing_preset_and_inherit(tmp_path):
 
 
 def test_dump_round_trips(tmp_path):
-    cfg = load_config("gsm8k_smollm2_cpu.yaml")
+    cfg = load_config("mawps_smollm2_cpu.yaml")
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
@@ -207,7 +207,7 @@ def test_prompts_plain_and_chat(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     plain = load_config("gsm8k_qwen2.5_0.5b.yaml").data
     assert render_prompt("Q?", plain) == REFERENCE_PROMPT.replace("{prompt}", "Q?")
-    chat = load_config("gsm8k_smollm2_cpu.yaml").data
+    chat = load_config("mawps_smollm2_cpu.yaml").data
     text = render_prompt("How many?", chat, tok)
     assert text.index(chat.system_prompt) < text.index(chat.few_shot[0].answer) < text.index("How many?")
     assert text.endswith("<|im_start|>assistant\n")

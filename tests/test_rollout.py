@@ -91,6 +91,18 @@ def test_a_long_healthy_generation_is_not_taken_for_a_hang(engines):
     assert all(len(g) == 16 and all(s.completion_ids for s in g) for g in groups)
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(engines):
+    """Sampled eval passes a seed per request. 40 distinct prompts of 200 tokens (8,000 > a step's 4,096): vLLM's
+    chunked prefill would split a prompt and rewind its generator, which crashes on CPU; the same call again (its
+    prompts now in the prefix cache) gives the same samples."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(40)]
+    first = engines.generate(prompts, 2, temperature=1.0, max_tokens=8, seed=0)
+    again = engines.generate(prompts, 2, temperature=1.0, max_tokens=8, seed=0)
+    assert [[s.completion_ids for s in grp] for grp in first] == [[s.completion_ids for s in grp] for grp in again]
+    assert all(len(grp) == 2 and grp[0].completion_ids for grp in first)
+
+
 def test_overlong_policy_truncates_left():
     engine = RolloutEngine.__new__(RolloutEngine)  # the policy alone, without starting vLLM
     engine.max_model_len, engine.overlong_prompt = 10, "truncate_left"

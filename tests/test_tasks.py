@@ -3,6 +3,7 @@ pool (timeouts, exceptions, crashed processes, K failures in a row), field mappi
 (pass@k / mean@k) and the config rules around them. Pure functions and real processes; no actors."""
 import json
 import os
+import re
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from core.types import Sample
 from launch.batch import eval_numbers, load_eval_sets, load_train, score
 from launch.config import ConfigError, Fields, load_config
-from launch.data import Example, load_examples, parse_rows
+from launch.data import Example, gold_of, load_examples, parse_rows, split_holdout
 from rewards import RewardFailed, Scorer, check_functions
 from rewards.boxed import boxed_accuracy, boxed_format, last_boxed
 from rewards.pool import RewardPool, load_function
@@ -200,6 +201,65 @@ def test_field_mapping_messages_and_malformed_rows(tmp_path, caplog):
     assert skipped == {"no \\boxed{} answer": 1}
 
 
+def test_a_question_built_from_two_fields_of_a_row():
+    rows = [{"Body": "Ann has 3 apples and gets 4 more.", "Question": "How many apples does she have?", "Answer": 7.0},
+            {"Body": "Bo has 9 pens.", "Answer": 9.0},  # lacks Question: skipped and counted, the others kept
+            {"Body": 12, "Question": " How many?  ", "Answer": 12}]  # a number field, as text; each field stripped
+    fields = Fields(question_template="{Body} {Question}", answer_field="Answer", answer_extract="none")
+    examples, skipped = parse_rows(rows, fields)
+    assert [e.question for e in examples] == ["Ann has 3 apples and gets 4 more. How many apples does she have?",
+                                              "12 How many?"]
+    assert [e.gold for e in examples] == ["7.0", "12"] and skipped == {
+        "no field 'Question' (named by question_template)": 1}
+    svamp = load_examples("test", "offline:svamp", fields)  # the real rows: Body + Question, as SVAMP is meant
+    assert len(svamp) == 1000 and svamp[0].question == (
+        "There are 87 oranges and 290 bananas in Philip's collection. If the bananas are organized into 2 groups and "
+        "oranges are organized into 93 groups How big is each group of bananas?") and svamp[0].gold == "145.0"
+    with pytest.raises(ValueError, match="names the field 'Questoin', which no row has .*Answer, Body, Question"):
+        parse_rows(rows[:1], Fields(question_template="{Body} {Questoin}", answer_field="Answer"))
+
+
+def test_a_template_naming_a_missing_field_is_a_config_error_naming_it(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = load_config("toy_tiny_cpu.yaml", ["data.source=offline:svamp", "data.question_template={Body} {Qestion}",
+                                            "data.answer_field=Answer", "data.answer_extract=none",
+                                            "data.train_split=test"])
+    with pytest.raises(ConfigError, match="'Qestion', which no row has"):  # exit 2 in the job
+        load_train(cfg, tok)
+    one = load_config("toy_tiny_cpu.yaml", ["data.question_template={Body}"])  # a YAML set on its own: the text
+    assert one.data.question_template == "{Body}"
+    for bad, why in [("{Body.x}", "plain field name"), ("{}", "plain field name"), ("{Body!r}", "plain field name"),
+                     ("no fields", "names no field"), ("{Body", "expected '}'")]:
+        with pytest.raises(ConfigError, match=f"data.question_template.*{re.escape(why)}"):
+            load_config("toy_tiny_cpu.yaml", [f"data.question_template='{bad}'"])
+        with pytest.raises(ConfigError, match=f"data.question_template.*{re.escape(why) if bad != '{}' else ''}"):
+            load_config("toy_tiny_cpu.yaml", [f"data.question_template={bad}"])  # unquoted on a command line
+        with pytest.raises(ConfigError, match=f"eval.sets.0.*{re.escape(why)}"):
+            load_config("toy_tiny_cpu.yaml", [f"eval.sets=[{{name: s, source: x, question_template: '{bad}'}}]"])
+
+
+def test_leading_number_gold_and_holdout_split():
+    assert [gold_of(v, "number") for v in ("9 (apples)", "1,000 (dollars)", "-3", 12.5)] == ["9", "1000", "-3",
+                                                                                            "12.5"]
+    for bad in ("3:30 p.m.", "Yes", "5 apples", "4/5 (of a pie)", "", "5 (apples) ; 6 (pears)"):
+        with pytest.raises(ValueError):
+            gold_of(bad, "number")
+    asdiv = load_examples("test", "offline:asdiv", Fields(question_template="{body} {question}",
+                                                          answer_field="answer", answer_extract="number"))
+    assert len(asdiv) == 2084 and asdiv[0].question == (  # 2215 rows; 131 golds are times, names, yes/no, ratios
+        "Seven red apples and two green apples are in the basket. How many apples are in the basket?")
+    rows = [Example(i, f"q{i % 40}", str(i)) for i in range(50)]  # q0..q9 appear twice
+    train, held = split_holdout(rows, 8)
+    assert split_holdout(rows, 8) == (train, held) and len(held) == 8  # a fixed choice
+    assert [e.idx for e in held] == sorted(e.idx for e in held)
+    assert not {e.question for e in held} & {e.question for e in train}  # a duplicate question is not trained on
+    assert len(train) == sum(1 for e in rows if e.question not in {h.question for h in held}) < 42
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        split_holdout(rows, 50)
+
+
 def test_an_eval_set_naming_its_prompt_field_does_not_inherit_the_chat_field(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
@@ -284,3 +344,32 @@ def test_pool_processes_are_gone_after_close(reward_file):
     time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower()
                    for pid in pids)
+
+
+def test_the_summary_gives_eval_accuracy_at_start_middle_and_end():
+    from launch.metrics import eval_trend
+
+    evals = [{"step": s, "eval/accuracy": a, "eval/n": 64, "eval/gsm8k/accuracy": g}
+             for s, a, g in ((0, 0.125, 0.0), (4, 0.2, 0.0), (8, 0.25, 0.0156), (12, 0.3, 0.0), (16, 0.34375, 0.03125))]
+    lines = eval_trend(evals, "mawps")
+    assert lines[0] == ("  accuracy on mawps's eval set (64 questions): step 0 0.125  →  step 8 0.250  →  step 16 "
+                        "0.344  (+21.9 points)")
+    assert lines[1].startswith("  accuracy on gsm8k: step 0 0.000") and lines[1].endswith("(+3.1 points)")
+    assert eval_trend(evals[:1]) == [] and len(eval_trend(evals[:2])) == 2
+
+
+def test_holdout_rows_are_the_eval_set_and_never_trained_on(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    over = ["data.source=offline:mawps", "data.train_split=singleop", "data.holdout=100", "data.prompt_field=input",
+            "data.answer_field=target", "data.answer_extract=none", "eval.num_examples=null"]
+    cfg = load_config("toy_tiny_cpu.yaml", over)
+    train, (held,) = load_train(cfg, tok), load_eval_sets(cfg, tok)
+    assert len(held.ids) == 100 and held.name == ""  # logged as eval/...: the task's own eval set
+    assert not {e.question for e in train.examples} & {e.question for e in held.examples}
+    assert len(train.ids) == 448  # 562 rows: 100 held out, 14 more with a held-out row's question
+    again = load_config("toy_tiny_cpu.yaml", over + ["train.seed=7"])  # the same held-out rows for every seed
+    assert [e.idx for e in load_eval_sets(again, tok)[0].examples] == [e.idx for e in held.examples]
+    with pytest.raises(ConfigError, match="leaves no training rows"):
+        load_train(load_config("toy_tiny_cpu.yaml", over[:2] + ["data.holdout=600"] + over[3:]), tok)
