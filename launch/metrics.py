@@ -112,7 +112,8 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
         axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     if evals:
         axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
-        for key in sorted({k for r in evals for k in r if k.endswith("/accuracy") and k != "eval/accuracy"}):
+        for key in sorted({k for r in evals for k in r
+                           if k.startswith("eval/") and k.endswith("/accuracy") and k != "eval/accuracy"}):
             pts = [(r["step"], r[key]) for r in evals if key in r]
             axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "^:", label=f"eval accuracy, {key[5:-9]}")
         if all("eval/format_rate" in r for r in evals):

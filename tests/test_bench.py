@@ -42,15 +42,15 @@ def test_learner_layout_bench_runs_on_cpu():
 
 def test_learner_checkpointing_bench_runs_on_cpu():
     """bench/learner.py's checkpointing × micro-batch part at tiny sizes: one row per setting, the same loss in each
-    (checkpointing recomputes, micro-batches split the same sum)."""
+    (checkpointing only recomputes)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "bench/learner.py", "--part", "checkpointing", "--layout-model",
-                          "builtin:tiny-qwen2", "--ckpt-samples", "8", "--micro-batches", "4", "8",
+                          "builtin:tiny-qwen2", "--ckpt-samples", "8", "--micro-batches", "8",
                           "--layout-prompt-len", "40", "--layout-shortest", "8", "--layout-longest", "24", "--steps",
                           "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| o")]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("on", "4"), ("on", "8"), ("off", "4"), ("off", "8")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("on", "8"), ("off", "8")]
     losses = [float(r[4]) for r in rows]
     assert max(losses) - min(losses) < 1e-5 and all(float(r[2]) > 0 for r in rows), out.stdout
     assert "fastest: checkpointing" in out.stdout
@@ -77,3 +77,17 @@ def test_chaos_soak_short(cpu_vllm):
     assert float(rows["engine_stop"][3]) <= 90, out.stdout
     for check in ("every step logged exactly once", "final model exported", "no process of the run left"):
         assert f"ok   {check}" in out.stdout, out.stdout
+
+
+def test_base_rates_bench_runs_on_cpu(cpu_vllm):
+    """bench/base_rates.py at tiny sizes on the tiny model: a table row per set asked for, with numbers in [0, 1]
+    (SVAMP's question from two fields, ASDiv's leading-number golds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "bench/base_rates.py", "--sets", "svamp,asdiv,mawps_singleop",
+                          "--questions", "3", "--samples", "2", "model.path=builtin:tiny-qwen2",
+                          "rollout.max_tokens=8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| set")}
+    assert sorted(rows) == ["asdiv", "mawps_singleop", "svamp"], out.stdout
+    assert all(0 <= float(v) <= 1 for cells in rows.values() for v in cells[:6]), out.stdout

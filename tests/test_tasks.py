@@ -373,3 +373,10 @@ def test_holdout_rows_are_the_eval_set_and_never_trained_on(tiny_model):
     assert [e.idx for e in load_eval_sets(again, tok)[0].examples] == [e.idx for e in held.examples]
     with pytest.raises(ConfigError, match="leaves no training rows"):
         load_train(load_config("toy_tiny_cpu.yaml", over[:2] + ["data.holdout=600"] + over[3:]), tok)
+    from launch.gsm8k import CPU_PRESET
+
+    default = load_config(CPU_PRESET)  # make run's default without a GPU: the same rows, GSM8K beside them
+    sets = load_eval_sets(default, tok)
+    assert [(s.name, len(s.ids)) for s in sets] == [("", 100), ("gsm8k", 32)]
+    assert len(load_train(default, tok).ids) == 448
+    assert [e.idx for e in sets[0].examples] == [e.idx for e in held.examples]
