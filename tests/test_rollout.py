@@ -92,11 +92,11 @@ def test_a_long_healthy_generation_is_not_taken_for_a_hang(engines):
 
 
 def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(engines):
-    """Sampled eval passes a seed per request. 40 distinct prompts of 200 tokens (8,000 > a step's 4,096): vLLM's
-    chunked prefill would split a prompt and rewind its generator, which crashes on CPU; the same call again (its
-    prompts now in the prefix cache) gives the same samples."""
+    """Sampled eval passes a seed per request. 48 distinct prompts of 220 tokens, 24 per engine (5,280 > a step's
+    4,096): vLLM's chunked prefill would split a prompt and rewind its generator, which crashes on CPU; the same call
+    again (its prompts now in the prefix cache) gives the same samples."""
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(40)]
+    prompts = [torch.randint(3, 500, (220,), generator=g).tolist() for _ in range(48)]
     first = engines.generate(prompts, 2, temperature=1.0, max_tokens=8, seed=0)
     again = engines.generate(prompts, 2, temperature=1.0, max_tokens=8, seed=0)
     assert [[s.completion_ids for s in grp] for grp in first] == [[s.completion_ids for s in grp] for grp in again]
