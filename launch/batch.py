@@ -77,6 +77,9 @@ def prompt_set(cfg: Config, tokenizer, source: str, split: str, fields, label: s
     return PromptSet(examples, ids, name)
 
 
+PROMPT_KEYS = ("prompt_field", "messages_field", "question_template")  # where a row's prompt comes from
+
+
 def load_train(cfg: Config, tokenizer) -> PromptSet:
     d = cfg.data
     return prompt_set(cfg, tokenizer, d.source, d.train_split, d, cfg.task.name, part="train" if d.holdout else None)
@@ -98,9 +101,6 @@ def load_eval_sets(cfg: Config, tokenizer) -> list[PromptSet]:
         sets.append(prompt_set(cfg, tokenizer, e.source, e.split, fields, e.name,
                                e.num_examples or cfg.eval.num_examples, e.name))
     return sets
-
-
-PROMPT_KEYS = ("prompt_field", "messages_field", "question_template")  # where a row's prompt comes from
 
 
 def load_prompts(cfg: Config, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
