@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,9 +105,7 @@ def gold_of(value, extract: str) -> str:
         text = str(value).strip()
         head, _, unit = text.partition(" ")
         gold = normalise_number(head)
-        unit = unit.strip()
-        if gold is None or (unit and not (unit[0] == "(" and unit[-1] == ")" and "(" not in unit[1:-1]
-                                          and ")" not in unit[1:-1])):
+        if gold is None or (unit.strip() and not re.fullmatch(r"\([^()]*\)", unit.strip())):
             raise ValueError("answer is not one number")
         return gold
     if extract == "boxed":
@@ -135,7 +134,7 @@ class MissingField(ValueError):
         self.name = name
 
 
-def _prompt_of(row: dict, fields) -> str | tuple:
+def _prompt_of(row: dict, fields, template_names: list[str]) -> str | tuple:
     if fields.messages_field:
         chat = row.get(fields.messages_field)
         if not isinstance(chat, list) or not chat or not all(
@@ -144,10 +143,8 @@ def _prompt_of(row: dict, fields) -> str | tuple:
             raise _missing(fields)
         return tuple({"role": m["role"], "content": m["content"]} for m in chat)
     if fields.question_template:
-        from launch.config import template_fields
-
         values = {}
-        for name in template_fields(fields.question_template):
+        for name in template_names:
             value = row.get(name)
             if value is None or isinstance(value, (dict, list)):
                 raise MissingField(name)
@@ -165,13 +162,14 @@ def _prompt_of(row: dict, fields) -> str | tuple:
 def parse_rows(rows: list[dict], fields=None) -> tuple[list[Example], dict[str, int]]:
     """Rows → Examples (GSM8K's fields unless `fields` says otherwise); malformed rows are skipped and counted by
     reason."""
-    from launch.config import Fields
+    from launch.config import Fields, template_fields
 
     fields = fields or Fields()
+    names = template_fields(fields.question_template) if fields.question_template else []  # parsed once
     examples, skipped, missing = [], {}, {}
     for idx, row in enumerate(rows):
         try:
-            prompt = _prompt_of(row, fields)  # a line that is not a JSON object has no fields
+            prompt = _prompt_of(row, fields, names)  # a line that is not a JSON object has no fields
             answer = row.get(fields.answer_field)
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
                 raise _missing(fields)

@@ -92,6 +92,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def named_eval_accuracies(evals: list[dict]) -> list[str]:
+    """The accuracy keys of the eval.sets entries (eval/<name>/accuracy), sorted."""
+    return sorted({k for r in evals for k in r if k.startswith("eval/") and k.endswith("/accuracy")
+                   and k != "eval/accuracy"})
+
+
 def plot_curves(rows: list[dict], png: Path, title: str) -> None:
     """Reward (total and per reward), accuracy and format rate, completion length, eval accuracy."""
     import matplotlib
@@ -112,8 +118,7 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> None:
         axes[1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     if evals:
         axes[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="eval accuracy")
-        for key in sorted({k for r in evals for k in r
-                           if k.startswith("eval/") and k.endswith("/accuracy") and k != "eval/accuracy"}):
+        for key in named_eval_accuracies(evals):
             pts = [(r["step"], r[key]) for r in evals if key in r]
             axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "^:", label=f"eval accuracy, {key[5:-9]}")
         if all("eval/format_rate" in r for r in evals):
@@ -144,9 +149,8 @@ def eval_trend(evals: list[dict], task: str = "the task") -> list[str]:
         return []
     picked = [evals[0], evals[len(evals) // 2], evals[-1]] if len(evals) > 2 else evals
     out = []
-    for prefix in ["eval/"] + sorted({k[:-len("accuracy")] for r in evals for k in r
-                                      if k.startswith("eval/") and k.endswith("/accuracy") and k != "eval/accuracy"}):
-        key = prefix + "accuracy"
+    for key in ["eval/accuracy"] + named_eval_accuracies(evals):
+        prefix = key[:-len("accuracy")]
         if not all(key in r for r in picked):
             continue
         name = prefix[len("eval/"):].rstrip("/") or f"{task}'s eval set"
