@@ -38,6 +38,23 @@ class RolloutConfig(Strict):
     engines_first: bool | None = None
 
 
+class EnvConfig(Strict):
+    """Multi-turn rollouts (`rollout.env`): an environment answers each model turn with an observation that is
+    appended to the trajectory, until it says done, `max_turns` model turns were made, or the engine's window
+    (`rollout.max_model_len`: prompt + every turn) is full. `name: null` keeps single-turn sampling."""
+
+    name: str | None = None  # "python" (the built-in sandboxed Python tool), "path/to/file.py:Class", "package.module:Class"
+    args: dict = {}  # keyword arguments of the environment's constructor (e.g. the Python tool's limits)
+    max_turns: int = Field(4, ge=1)  # model turns per trajectory
+    stop: list[str] = []  # where a model turn hands over to the environment (besides rollout.stop), e.g. a code fence
+    max_observation_tokens: int = Field(256, ge=1)  # an observation is cut to this many tokens
+    workers: int = Field(2, ge=1)  # processes of each engine's environment pool
+    timeout_s: float = Field(30.0, gt=0)  # an environment call past this ends its trajectory (scored 0), counted
+    # This many failed calls in a row (raised, timed out, killed its process) stop the run with the environment's
+    # name and the last traceback.
+    max_failures: int = Field(20, ge=1)
+
+
 class LearnerConfig(Strict):
     num_workers: int = Field(1, ge=1)  # DeepSpeed ranks; one GPU each on GPU
     cpus_per_worker: int = Field(1, ge=1)

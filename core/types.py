@@ -1,7 +1,7 @@
 """The records that travel from the engines to the driver and on to the learner: defined once, used by both."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -13,7 +13,16 @@ class Sample:
     logprobs: list[float]  # log p(token) under the sampling distribution (temperature applied), per completion token
     finish_reason: str  # "stop" | "length" | "dropped" (prompt past the engine's window, see rollout.overlong_prompt)
     weight_version: int  # the weights that produced it (the count of broadcasts the engine has applied)
-    text: str = ""
+    text: str = ""  # the model's text (multi-turn: its turns joined, without the observations)
+    # Multi-turn (`rollout.env`): completion_ids interleave the model's tokens (mask 1) with the environment's
+    # (mask 0, logprob 0.0, never used). None: every token is the model's.
+    mask: list[int] | None = None
+    env: dict = field(default_factory=dict)  # per trajectory: turns, env_tokens, env_seconds, env_reward, ... (numbers)
+    transcript: str = ""  # multi-turn: the model's turns and the observations, as text (for logs)
+
+    @property
+    def model_tokens(self) -> int:
+        return len(self.completion_ids) if self.mask is None else sum(self.mask)
 
 
 @dataclass
@@ -25,10 +34,16 @@ class TrainSample:
     logprobs: list[float]
     advantage: float
     weight_version: int = 0
+    mask: list[int] | None = None  # 1: a model token (trained on), 0: an environment token; None: all 1
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def loss_tokens(self) -> int:
+        """The tokens the loss counts: the model's."""
+        return len(self.completion_ids) if self.mask is None else sum(self.mask)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from launch.outputs import alive_on_this_host, this_process
 from launch.supervisor import Faults
 from launch.weights import WeightChannel
 from learner.group import LearnerGroup
-from rewards import check_functions
+from rewards import check_functions, load_function
+from rollout.env import spec_of
 from rollout.group import EngineGroup
 
 log = logging.getLogger("rlvr")
@@ -44,8 +45,11 @@ def check_inputs(cfg: Config) -> None:
     check_model(cfg.model.path)
     try:
         check_functions(cfg.task.functions)
+        if cfg.env.name:
+            load_function(spec_of(cfg.env.name))
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err) if not cfg.env.name or "task.functions" in str(err) else f"env.name: {err}") \
+            from None
 
 
 def start_actors(cfg: Config, device: str, faults: Faults, learner_too: bool = True) -> Actors:

@@ -115,9 +115,12 @@ def score(groups: list[list[Sample]], examples: list[Example], scorer: Scorer, g
     live = [(samples, ex) for samples, ex in zip(groups, examples) if samples[0].finish_reason != "dropped"]
     flat, totals, details = score_groups(scorer, [g for g, _ in live], [ex for _, ex in live])
     if grpo is not None and grpo.overlong == "penalty":
-        details["overlong_penalty"] = [overlong_penalty(len(s.completion_ids), max_tokens, grpo.overlong_buffer)
+        details["overlong_penalty"] = [overlong_penalty(s.model_tokens, max_tokens, grpo.overlong_buffer)
                                        for s, _ in flat]
         totals = [t + p for t, p in zip(totals, details["overlong_penalty"])]
+    if any(s.env for s, _ in flat):  # multi-turn: the environment's own reward is added; a failed one scores 0
+        details["env_reward"] = [s.env.get("env_reward", 0.0) for s, _ in flat]
+        totals = [0.0 if s.env.get("env_failed") else t + r for (s, _), t, r in zip(flat, totals, details["env_reward"])]
     it, out = iter(totals), []
     for samples in groups:
         live_group = samples[0].finish_reason != "dropped"
@@ -144,7 +147,7 @@ def build_batch(groups: list[list[Sample]], rewards: torch.Tensor, grpo) -> tupl
         if samples[0].finish_reason == "dropped" or (grpo.filter_groups and bool((r == r[0]).all())):
             filtered += 1
             continue
-        batch += [TrainSample(s.prompt_ids, s.completion_ids, s.logprobs, float(x), s.weight_version)
+        batch += [TrainSample(s.prompt_ids, s.completion_ids, s.logprobs, float(x), s.weight_version, s.mask)
                   for s, x in zip(samples, a)
                   if s.completion_ids and not (grpo.overlong == "mask" and s.finish_reason == "length")]
     return batch, filtered
@@ -169,6 +172,12 @@ class Rollout:
     overlapped: bool = False  # generated while the learner trained the step before (train.pipeline: one_step_off)
 
 
+def env_args(cfg: Config, examples: list[Example]) -> dict:
+    """What a generate needs for multi-turn trajectories (cfg.env names an environment): the environment's config
+    and each prompt's dataset row; nothing for single-turn sampling."""
+    return {"env": cfg.env, "rows": [ex.fields for ex in examples]} if cfg.env.name else {}
+
+
 def collect(cfg: Config, sampler: Sampler, prompts: PromptSet, order: PromptOrder, scorer: Scorer) -> Rollout:
     """Draw prompts_per_step prompts, generate n samples each, score them, build the batch. With grpo.refill,
     draw as many further prompts as groups were filtered out, round after round, until the step keeps
@@ -180,7 +189,8 @@ def collect(cfg: Config, sampler: Sampler, prompts: PromptSet, order: PromptOrde
         new = order.next(draw)
         with timer("generate"):
             got = sampler.generate([prompts.ids[i] for i in new], cfg.rollout.n, temperature=cfg.rollout.temperature,
-                                   top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens, stop=cfg.rollout.stop)
+                                   top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens, stop=cfg.rollout.stop,
+                                   **env_args(cfg, [prompts.examples[i] for i in new]))
         with timer("reward"):
             r, d = score(got, [prompts.examples[i] for i in new], scorer, cfg.grpo, cfg.rollout.max_tokens)
             b, f = build_batch(got, r, cfg.grpo)
@@ -203,7 +213,8 @@ def evaluate(sampler: Sampler, sets: list[PromptSet], cfg: Config, scorer: Score
     for test in sets:
         groups = sampler.generate(test.ids, cfg.eval.n, temperature=cfg.eval.temperature,
                                   max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens, stop=cfg.rollout.stop,
-                                  seed=cfg.train.seed if sampled else None, timeout_s=cfg.timeouts.eval_s)
+                                  seed=cfg.train.seed if sampled else None, timeout_s=cfg.timeouts.eval_s,
+                                  **env_args(cfg, test.examples))
         out.update(eval_numbers(groups, test.examples, scorer, f"eval/{test.name}/" if test.name else "eval/"))
     return out
 
@@ -220,7 +231,8 @@ of questions whose samples differ in accuracy: the groups that would carry a lea
     if "format_rate" in details:
         row["format_rate"] = sum(details["format_rate"]) / len(acc)
     row.update(reward=sum(totals) / len(totals),
-               completion_len=sum(len(s.completion_ids) for s, _ in flat) / len(flat), n=len(groups))
+               completion_len=sum(s.model_tokens for s, _ in flat) / len(flat), n=len(groups))
+    row.update(env_numbers([s for s, _ in flat]))
     if k > 1:
         best = [max(acc[i * k:(i + 1) * k]) for i in range(len(groups))]
         mixed = [len(set(acc[i * k:(i + 1) * k])) > 1 for i in range(len(groups))]
@@ -229,12 +241,25 @@ of questions whose samples differ in accuracy: the groups that would carry a lea
     return {prefix + key: v for key, v in row.items()}
 
 
+def env_numbers(samples: list[Sample]) -> dict:
+    """Multi-turn numbers, per trajectory (`env/...`: the mean of each counter the loop and the environment report:
+    turns, tool calls and errors, environment seconds and tokens, failures) and the model's share of the tokens;
+    empty for single-turn samples."""
+    if not any(s.env for s in samples):
+        return {}
+    keys = sorted({k for s in samples for k in s.env})
+    row = {f"env/{k}": sum(float(s.env.get(k, 0.0)) for s in samples) / len(samples) for k in keys}
+    model, total = sum(s.model_tokens for s in samples), sum(len(s.completion_ids) for s in samples)
+    row["env/model_token_frac"] = model / max(total, 1)
+    return row
+
+
 def step_row(ro: Rollout, stats: LearnerStats | None, learner_version: int, refill: bool = False) -> dict:
     """The numbers a step logs about its rollout and its update (`stats`: None when every group was filtered)."""
     groups, rewards, version = ro.groups, ro.rewards, min(s.weight_version for g in ro.groups for s in g)
     live = torch.tensor([g[0].finish_reason != "dropped" for g in groups])
     flat = [s for g in groups for s in g if s.finish_reason != "dropped"]
-    lengths = [len(s.completion_ids) for s in flat] or [0]
+    lengths = [s.model_tokens for s in flat] or [0]
     kept = rewards[live] if live.any() else torch.zeros(1, 1, dtype=rewards.dtype)
     row = {"reward": float(kept.mean()), "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
            **{k: sum(v) / max(len(v), 1) for k, v in ro.details.items()},
@@ -243,7 +268,7 @@ def step_row(ro: Rollout, stats: LearnerStats | None, learner_version: int, refi
            "groups": len(groups), "groups_filtered": ro.filtered, "groups_kept": len(groups) - ro.filtered,
            "samples": len(flat),
            "dropped_prompts": sum(g[0].finish_reason == "dropped" for g in groups),
-           "weight_version": version, **(asdict(stats) if stats else {})}
+           "weight_version": version, **env_numbers(flat), **(asdict(stats) if stats else {})}
     row["staleness"] = int(version != learner_version)  # updates the oldest sample is behind the learner (≤ 1)
     gen_s = ro.parts.get("generate", 0.0)
     row["gen_tokens_per_s"] = sum(lengths) / gen_s if gen_s else 0.0

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from core.config import GRPOConfig, LearnerConfig, RolloutConfig, Strict
+from core.config import EnvConfig, GRPOConfig, LearnerConfig, RolloutConfig, Strict
 from core.types import Timeouts
 
 REFERENCE_PROMPT = (
@@ -215,6 +215,7 @@ class Config(Strict):
     task: TaskConfig = TaskConfig()
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.1}
     rollout: RolloutConfig = RolloutConfig()
+    env: EnvConfig = EnvConfig()
     learner: LearnerConfig = LearnerConfig()
     grpo: GRPOConfig = GRPOConfig()
     train: TrainConfig = TrainConfig()
@@ -267,8 +268,11 @@ class Config(Strict):
 
     @property
     def max_model_len(self) -> int:
-        """The engines' window: the longest prompt plus the longest completion, training or evaluation."""
+        """The engines' window: the longest prompt plus the longest completion, training or evaluation; with an
+        environment, room for env.max_turns turns and the observations between them."""
         longest = max(self.rollout.max_tokens, self.eval.max_tokens or 0)
+        if self.env.name:
+            longest = self.env.max_turns * longest + (self.env.max_turns - 1) * self.env.max_observation_tokens
         return self.rollout.max_model_len or self.data.max_prompt_tokens + longest
 
 

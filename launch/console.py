@@ -50,7 +50,8 @@ def format_row(step: int, row: dict) -> str:
 
 
 def format_sample(example: Example, sample: Sample, reward_value: float) -> str:
-    text = sample.text if len(sample.text) < 1200 else sample.text[:1200] + " …"
+    text = sample.transcript or sample.text  # multi-turn: the observations too
+    text = text if len(text) < 1200 else text[:1200] + " …"
     question = example.question if isinstance(example.question, str) else example.question[-1]["content"]
     return (f"--- sample (reward {reward_value:.2f}, gold {example.gold}) ---\nQ: {question}\n"
             f"A: {text}\n---")

@@ -34,10 +34,11 @@ def failures() -> tuple[type, ...]:
     from launch.metrics import MetricsNotWritten
     from launch.supervisor import RestartsExhausted
     from rewards import RewardFailed
+    from rollout.env import EnvironmentFailed
     from rollout.group import EngineRestartsExhausted
 
     return (RestartsExhausted, EngineRestartsExhausted, CheckpointNotShared, CheckpointWriteFailed, MetricsNotWritten,
-            RewardFailed)
+            RewardFailed, EnvironmentFailed)
 
 
 def run_job(job: Callable[[], object]) -> int:
@@ -54,7 +55,7 @@ def run_job(job: Callable[[], object]) -> int:
         print(f"[rlvr] {err}", flush=True)
         return STOPPED
     except failures() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {getattr(err, 'cause', None) or err}", file=sys.stderr)  # raised in an actor: its own message
         return FAILED
     except Exception:  # noqa: BLE001 - anything else is a bug: its traceback, and the watching entry point restarts
         traceback.print_exc()

@@ -195,8 +195,10 @@ class LearnerWorker:
         batch["vllm_lp"] = torch.zeros((B, C))
         for i, s in enumerate(samples):
             c = len(s.completion_ids)
-            batch["mask"][i, :c] = 0.0 if empty else 1.0
-            batch["vllm_lp"][i, :len(s.logprobs)] = torch.tensor(s.logprobs[:c])
+            mask = torch.ones(c) if s.mask is None else torch.tensor(s.mask[:c], dtype=torch.float32)
+            batch["mask"][i, :c] = 0.0 if empty else mask
+            # Environment tokens (mask 0) carry no engine logprob: theirs are never read.
+            batch["vllm_lp"][i, :len(s.logprobs)] = torch.tensor(s.logprobs[:c]) * mask[:len(s.logprobs)]
         batch["adv"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         return {k: v.to(self._dev) for k, v in batch.items()}
 

@@ -67,6 +67,7 @@ class RolloutEngine:
         self.overlong_prompt = overlong_prompt
         self.version = 0
         self.index = engine_index
+        self.env_pool = None  # multi-turn: the environment's process pool, started by the first such generate
 
     def info(self) -> dict:
         """Who this engine is, and its process tree (TP workers included) for `core.reap.kill_trees`."""
@@ -89,9 +90,12 @@ class RolloutEngine:
         return None
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float = 1.0, top_p: float = 1.0,
-                 max_tokens: int = 256, stop: list[str] | None = None, seed: int | None = None) -> list[list[Sample]]:
+                 max_tokens: int = 256, stop: list[str] | None = None, seed: int | None = None, env=None,
+                 rows: list[dict] | None = None) -> list[list[Sample]]:
         """n samples for each prompt (token ids), each with its tokens' logprobs. Greedy when temperature == 0 (then n
-        must be 1; the logprobs are then those of the plain softmax, T = 1)."""
+        must be 1; the logprobs are then those of the plain softmax, T = 1). With `env` (a `core.config.EnvConfig`
+        naming an environment) each sample is a multi-turn trajectory (`rollout.multiturn`) of the prompt's row in
+        `rows`; max_tokens is then per turn."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -107,8 +111,14 @@ class RolloutEngine:
         live = [i for i, p in enumerate(fitted) if p is not None]
         # A stop string stays in the completion: the learner trains on exactly what the model wrote, and format
         # rewards can see the closing tag.
+        multiturn = env is not None and env.name is not None
+        stop = list(stop or []) + (list(env.stop) if multiturn else [])
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
                                 include_stop_str_in_output=True, logprobs=0, seed=seed)
+        if multiturn:
+            if rows is None or len(rows) != len(prompts):
+                raise ValueError("a multi-turn generate needs one dataset row per prompt (rows)")
+            return self._trajectories(prompts, fitted, rows, params, n, env, seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=fitted[i]) for i in live], params, use_tqdm=False) \
             if live else []
         result: list[list[Sample]] = [
@@ -119,6 +129,26 @@ class RolloutEngine:
                 ids = list(comp.token_ids)
                 lps = [d[t].logprob for d, t in zip(comp.logprobs, ids)] if comp.logprobs else []
                 samples.append(Sample(fitted[i], ids, lps, comp.finish_reason or "length", self.version, comp.text))
+            result[i] = samples
+        return result
+
+    def _trajectories(self, prompts: list[list[int]], fitted: list[list[int] | None], rows: list[dict], params, n: int, env,
+                      seed: int | None) -> list[list[Sample]]:
+        from rollout import multiturn
+        from rollout.env import EnvPool
+
+        if self.env_pool is None or self.env_pool.cfg != env:
+            if self.env_pool is not None:
+                self.env_pool.close()
+            self.env_pool = EnvPool(env)
+        tokenizer = self.llm.get_tokenizer()
+        live = [i for i, p in enumerate(fitted) if p is not None]
+        got = multiturn.generate(self.llm.llm_engine, self.env_pool, [fitted[i] for i in live], [rows[i] for i in live],
+                                 params, n, env, self.max_model_len,
+                                 lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
+                                 tick, self.version, seed)
+        result = [[Sample(list(p), [], [], "dropped", self.version) for _ in range(n)] for p in prompts]
+        for i, samples in zip(live, got):
             result[i] = samples
         return result
 

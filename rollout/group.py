@@ -146,11 +146,13 @@ class EngineGroup:
         return len(self.engines) * self.cfg.tensor_parallel_size
 
     def generate(self, prompts: list[list[int]], n: int, *, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, stop: list[str] | None = None, seed: int | None = None,
-                 timeout_s: float | None = None, resume: EnginesReplaced | None = None) -> list[list[Sample]]:
+                 max_tokens: int, stop: list[str] | None = None, seed: int | None = None, env=None,
+                 rows: list[dict] | None = None, timeout_s: float | None = None,
+                 resume: EnginesReplaced | None = None) -> list[list[Sample]]:
         """n samples per prompt, prompts spread over the engines by token cost; results in prompt order. An engine
         that fails is replaced and its prompts generated again; once the engines are in a weight group it raises
-        `EnginesReplaced` first, and its prompts are generated when that comes back as `resume`."""
+        `EnginesReplaced` first, and its prompts are generated when that comes back as `resume`. With `env`
+        (multi-turn), `rows` are the prompts' dataset rows, and each sample is a whole trajectory."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         timeout_s = timeout_s or self.timeouts.generate_s
@@ -160,7 +162,9 @@ class EngineGroup:
             parts = split_balanced([len(prompts[i]) + max_tokens for i in todo], len(self.engines))
             calls = [(k, [todo[j] for j in part]) for k, part in enumerate(parts) if part]
             refs = [self.engines[k].generate.remote([prompts[i] for i in idx], n, temperature, top_p, max_tokens, stop,
-                                                    None if seed is None else seed + k) for k, idx in calls]
+                                                    None if seed is None else seed + k, env,
+                                                    None if rows is None else [rows[i] for i in idx])
+                    for k, idx in calls]
             failed, todo = {}, []
             watch = StallWatch(self, {j: k for j, (k, _) in enumerate(calls)})
             for (k, idx), outcome in zip(calls, settle(refs, timeout_s, watch)):

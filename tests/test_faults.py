@@ -245,3 +245,18 @@ def test_killing_an_engine_kills_its_stuck_workers_too(ray_local):
     kill_trees([(actor, info)], timeout_s=20)
     assert not procs.alive(child) and not procs.alive(info["pid"])
     assert time.monotonic() - start < 20
+
+
+def test_a_multiturn_job_trains_on_its_trajectories(ray_local, cpu_vllm, tmp_path):
+    """The loop with an environment (tests/envs.py:Scripted, every turn stopped at its first character): rollouts
+    of two-turn trajectories, scored, trained on and evaluated, with the multi-turn numbers logged."""
+    envs = os.path.join(os.path.dirname(__file__), "envs.py")
+    stops = "[" + ",".join(repr(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789 .,") + "]"
+    rows, _ = run_job(tmp_path, None, f"env.name={envs}:Scripted", "env.max_turns=2", f"env.stop={stops}",
+                      "env.max_observation_tokens=8", "train.steps=2", "eval.every=2", "eval.num_examples=4")
+    assert [r["step"] for r in rows] == [1, 2] and any("loss" in r for r in rows)
+    for r in rows:
+        assert 1 <= r["env/turns"] <= 2 and r["env/env_tokens"] > 0 and 0 < r["env/model_token_frac"] < 1, r
+        assert r["train_tokens"] < r["samples"] * 100 and r["completion_len"] <= 2 * 16
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2] and evals[-1]["eval/env/turns"] >= 1

@@ -192,6 +192,36 @@ def test_save_load_resumes_exactly_and_survives_a_crash_mid_save(zero2, tmp_path
     assert not list(checkpoint.checkpoints_dir(tmp_path).glob(".tmp-*"))
 
 
+def multiturn_batch(env_logprob: float, env_mask: int = 0) -> list[TrainSample]:
+    """make_groups' samples as trajectories: each completion with an environment span (4 tokens) in the middle."""
+    out = []
+    for i, s in enumerate(make_groups(3)):
+        cut = len(s.completion_ids) // 2
+        env = [11 + i, 12, 13, 14]
+        ids = s.completion_ids[:cut] + env + s.completion_ids[cut:]
+        lps = s.logprobs[:cut] + [env_logprob] * 4 + s.logprobs[cut:]
+        mask = [1] * cut + [env_mask] * 4 + [1] * (len(s.completion_ids) - cut)
+        out.append(TrainSample(s.prompt_ids, ids, lps, s.advantage, mask=mask))
+    return out
+
+
+def test_environment_tokens_carry_no_loss(zero2, tmp_path):
+    """The same trajectories with different logprobs on their environment tokens make the same update, bit for
+    bit; the loss counts model tokens only. Marking those tokens as the model's instead changes the update (the
+    comparison can fail)."""
+    zero2.save(str(tmp_path))
+    updates, tokens = [], []
+    for env_lp, env_mask in [(0.0, 0), (-40.0, 0), (-6.0, 1)]:
+        zero2.load(str(tmp_path))
+        batch = multiturn_batch(env_lp, env_mask)
+        m = zero2.train_step(batch, T)
+        updates.append(full_state_dict(zero2))
+        tokens.append((m.train_tokens, sum(sum(s.mask) for s in batch)))
+    assert max_diff(updates[0], updates[1]) == 0.0
+    assert max_diff(updates[0], updates[2]) > 1e-6
+    assert tokens[0][0] == tokens[0][1] == tokens[2][1] - 4 * 8
+
+
 def receive_all(result: dict, port: int, plan: list):
     group = weight_sync.open_group("gloo", "127.0.0.1", port, 2, 1, 60)
     result["weights"] = {k: v.clone() for k, v in weight_sync.receive(group, plan, "cpu", expect_version=5)}

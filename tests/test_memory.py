@@ -121,14 +121,14 @@ def test_layer_count_is_what_autograd_saves():
 
 # (preset, whether its micro-batch must be the largest power of two up to 16 that fits)
 PRESETS = [("gsm8k_qwen2.5_0.5b.yaml", True), ("math_qwen2.5_0.5b.yaml", True),
-           ("gsm8k_qwen2.5_0.5b_multinode.yaml", False)]
+           ("gsm8k_qwen2.5_0.5b_multinode.yaml", False), ("gsm8k_python_qwen2.5_0.5b.yaml", True)]
 
 
 @pytest.mark.parametrize("preset, largest", PRESETS)
 def test_gpu_preset_fits_without_checkpointing(preset, largest):
     cfg = load_config(preset)  # resolved as the job resolves it: inherit, then the preset's own fields
     assert cfg.model.path == "Qwen/Qwen2.5-0.5B" and cfg.model.dtype == "bfloat16"  # QWEN25_05B, bf16 autocast
-    seq = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens  # the worst row: longest prompt + longest completion
+    seq = cfg.max_model_len  # the worst row: the engines' window (longest prompt + completion, or every turn)
     learner = cfg.learner
 
     def total(batch: int, checkpointing: bool = False) -> float:

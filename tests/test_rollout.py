@@ -103,6 +103,104 @@ def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(engine
     assert all(len(grp) == 2 and grp[0].completion_ids for grp in first)
 
 
+ENVS = os.path.join(os.path.dirname(__file__), "envs.py")
+
+
+def common_token_text(engines, tokenizer) -> str:
+    """The text of the token the tiny model's greedy output holds most: a stop string its turns end on."""
+    groups = engines.generate(PROMPTS, 1, temperature=0.0, max_tokens=24)
+    counts = {}
+    for g in groups:
+        for t in g[0].completion_ids:
+            text = tokenizer.decode([t])
+            if text.strip() and "\ufffd" not in text:
+                counts[text] = counts.get(text, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def test_multiturn_trajectories_are_the_engine_s_tokens_and_the_environment_s(engines, tiny_model):
+    """Greedy trajectories over a scripted environment equal, token for token, the chain of single-turn generates
+    whose prompts are the ids so far plus the observation's ids: nothing is decoded and encoded again between turns.
+    Environment tokens carry mask 0 and logprob 0; the learner's batch holds exactly these ids."""
+    from core.config import EnvConfig
+    from launch.batch import build_batch
+    from core.config import GRPOConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    stop = common_token_text(engines, tokenizer)
+    env = EnvConfig(name=f"{ENVS}:Scripted", args={"obs": " [obs {k}: {q}] "}, max_turns=3, stop=[stop])
+    rows = [{"q": str(i)} for i in range(len(PROMPTS))]
+    groups = engines.generate(PROMPTS, 1, temperature=0.0, max_tokens=12, env=env, rows=rows)
+    turns_seen = []
+    for prompt, row, (traj,) in zip(PROMPTS, rows, groups):
+        chain, mask, turns = [], [], []
+        while True:  # the same trajectory by hand: one single-turn generate per turn
+            (s,), = engines.generate([prompt + chain], 1, temperature=0.0, max_tokens=12, stop=[stop])
+            chain += s.completion_ids
+            mask += [1] * len(s.completion_ids)
+            turns.append(s)
+            if s.finish_reason != "stop" or len(turns) == env.max_turns:
+                break
+            obs = tokenizer.encode(f" [obs {len(turns)}: {row['q']}] ", add_special_tokens=False)
+            chain += obs
+            mask += [0] * len(obs)
+        assert traj.prompt_ids == prompt and traj.completion_ids == chain and traj.mask == mask
+        assert traj.text == "".join(t.text for t in turns) and traj.env["turns"] == len(turns)
+        model_lps = [lp for lp, m in zip(traj.logprobs, traj.mask) if m]
+        assert torch.allclose(torch.tensor(model_lps), torch.tensor([lp for t in turns for lp in t.logprobs]),
+                              atol=1e-4)
+        assert all(lp == 0.0 for lp, m in zip(traj.logprobs, traj.mask) if not m)
+        assert traj.env["env_tokens"] == mask.count(0) and traj.env.get("scripted_calls", 0) == len(turns) - \
+            (turns[-1].finish_reason == "stop" and len(turns) == env.max_turns) - (turns[-1].finish_reason != "stop")
+        turns_seen.append(len(turns))
+    assert max(turns_seen) >= 2, f"no trajectory reached a second turn ({turns_seen}, stop {stop!r})"
+    batch, _ = build_batch([g * 2 for g in groups], torch.tensor([[0.0, 1.0]] * len(groups), dtype=torch.float64),
+                           GRPOConfig(filter_groups=False))
+    assert [(b.prompt_ids, b.completion_ids, b.mask) for b in batch[::2]] == \
+        [(g[0].prompt_ids, g[0].completion_ids, g[0].mask) for g in groups]
+
+
+def test_multiturn_limits_turns_and_the_window(engines):
+    """max_turns: an environment that never says done gets exactly that many model turns (all turns end on a stop
+    string here: any text). The window: long observations (token ids) fill max_model_len (256), and no trajectory
+    passes it; each ends as "length"."""
+    from core.config import EnvConfig
+
+    always = [chr(c) for c in range(32, 127)]  # every printable character: a turn stops at its first one
+    env = EnvConfig(name=f"{ENVS}:Scripted", args={"ids": [7, 8, 9]}, max_turns=3, stop=always)
+    groups = engines.generate(PROMPTS, 4, temperature=1.0, max_tokens=16, env=env, rows=[{}] * 3)
+    stopped = [t for g in groups for t in g if t.finish_reason == "stop"]
+    assert stopped and all(t.env["turns"] == 3 and t.env["scripted_calls"] == 2 for t in stopped)
+    assert all(t.env["turns"] <= 3 for g in groups for t in g)
+    window = EnvConfig(name=f"{ENVS}:Scripted", args={"ids": list(range(100, 160))}, max_turns=50, stop=always,
+                       max_observation_tokens=60)
+    groups = engines.generate(PROMPTS, 4, temperature=1.0, max_tokens=16, env=window, rows=[{}] * 3)
+    for p, g in zip(PROMPTS, groups):
+        for t in g:
+            assert len(p) + len(t.completion_ids) <= 256 and t.finish_reason == "length", t
+            assert t.env["turns"] < 50 and t.completion_ids[-60:] != list(range(100, 160))  # no dangling observation
+
+
+def test_multiturn_environment_failures_end_trajectories_then_the_call(engines):
+    """Failing calls end their trajectory (env_failed), the call returns every group; max_failures in a row raise
+    EnvironmentFailed from the engine, naming the environment, and the engines keep serving."""
+    from core.config import EnvConfig
+    from rollout.env import EnvironmentFailed
+
+    always = [chr(c) for c in range(32, 127)]
+    env = EnvConfig(name=f"{ENVS}:FailsOnOdd", max_turns=2, stop=always, max_failures=50)
+    rows = [{"q": q} for q in (1, 2, 3)]
+    groups = engines.generate(PROMPTS, 2, temperature=1.0, max_tokens=8, env=env, rows=rows)
+    for row, g in zip(rows, groups):
+        for t in g:
+            if t.finish_reason == "stop" and t.env["turns"] == 1:  # the environment was asked
+                assert t.env.get("env_failed", 0) == row["q"] % 2
+    raises = EnvConfig(name=f"{ENVS}:Raises", max_turns=2, stop=always, max_failures=3)
+    with pytest.raises(EnvironmentFailed, match=r"failed 3 calls in a row(.|\n)*KeyError"):
+        engines.generate(PROMPTS, 4, temperature=1.0, max_tokens=8, env=raises, rows=[{}] * 3)
+    assert all(g[0].completion_ids for g in engines.generate(PROMPTS, 1, temperature=1.0, max_tokens=4))
+
+
 def test_overlong_policy_truncates_left():
     engine = RolloutEngine.__new__(RolloutEngine)  # the policy alone, without starting vLLM
     engine.max_model_len, engine.overlong_prompt = 10, "truncate_left"
