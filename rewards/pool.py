@@ -30,9 +30,26 @@ class RewardFailed(RuntimeError):
     """One reward failed max_failures times in a row: the run stops (a bug in the reward, not bad luck)."""
 
 
-class RewardCallError(Exception):
-    """A reward call raised: args are (the error as one line, its traceback). Sent back instead of the user's own
-    exception, whose class the job's process may not be able to import."""
+class PoolCallError(Exception):
+    """A pool call of user code (a reward, an environment) raised: args are (the error as one line, its traceback).
+    Sent back instead of the user's own exception, whose class the job's process may not be able to import."""
+
+
+def pool_result(future, wait_s: float, timeout_s: float, setting: str) -> tuple[object, str, str]:
+    """A pool call's outcome: (its value, "", "") or (None, why it failed, the traceback if any). `setting` names the
+    timeout's config key for the message."""
+    from pebble import ProcessExpired
+
+    try:
+        return future.result(timeout=wait_s), "", ""
+    except PoolCallError as err:
+        return None, *err.args
+    except FutureTimeout:
+        return None, f"timed out after {timeout_s:g}s ({setting}; its process was killed)", ""
+    except ProcessExpired as err:
+        return None, f"its process died (exit code {err.exitcode})", ""
+    except Exception as err:  # noqa: BLE001 - the pool's own failure: reported, not hidden
+        return None, f"{type(err).__name__}: {err}", getattr(err, "traceback", "")
 
 
 def load_function(spec: str) -> Callable:
@@ -106,7 +123,7 @@ def call(spec: str, completion: str, gold: str, row: dict) -> float:
             raise TypeError(f"returned {value!r}: a reward must return a finite real number")
         return float(value)
     except BaseException as err:  # noqa: BLE001 - whatever user code raises, even SystemExit, comes back as one type
-        raise RewardCallError(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
+        raise PoolCallError(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
 
 
 class RewardPool:
@@ -127,8 +144,6 @@ class RewardPool:
 
     def score(self, name: str, completions: list[str], golds: list[str], rows: list[dict]) -> list[float]:
         """One score per completion; a failed call scores 0.0 and is counted."""
-        from pebble import ProcessExpired
-
         if self._pool is None:
             self._start()
         spec = self.specs[name]
@@ -136,19 +151,12 @@ class RewardPool:
                    for c, g, r in zip(completions, golds, rows)]
         out = []
         for future in futures:
-            try:
-                out.append(future.result(timeout=2 * self.timeout_s + RESULT_GRACE_S))  # queued behind one call
+            value, cause, trace = pool_result(future, 2 * self.timeout_s + RESULT_GRACE_S,  # queued behind one call
+                                              self.timeout_s, "task.reward_timeout_s")
+            if not cause:
+                out.append(value)
                 self.in_a_row[name] = 0
                 continue
-            except RewardCallError as err:
-                cause, trace = err.args
-            except FutureTimeout:
-                cause, trace = f"timed out after {self.timeout_s:g}s (task.reward_timeout_s; its process was " \
-                               "killed)", ""
-            except ProcessExpired as err:
-                cause, trace = f"its process died (exit code {err.exitcode})", ""
-            except Exception as err:  # noqa: BLE001 - the pool's own failure: reported, not hidden
-                cause, trace = f"{type(err).__name__}: {err}", getattr(err, "traceback", "")
             out.append(0.0)
             self.failures[name] += 1
             self.in_a_row[name] += 1

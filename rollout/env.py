@@ -23,10 +23,9 @@ import numbers
 import os
 import time
 import traceback
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from rewards.pool import RESULT_GRACE_S, load_function
+from rewards.pool import RESULT_GRACE_S, PoolCallError, load_function, pool_result
 
 BUILTIN = {"python": "rollout.python_tool:PythonTool"}
 
@@ -41,10 +40,6 @@ class Reply:
 
 class EnvironmentFailed(RuntimeError):
     """The environment failed env.max_failures calls in a row: the run stops (a bug in it, not bad luck)."""
-
-
-class EnvCallError(Exception):
-    """An environment call raised: args are (the error as one line, its traceback)."""
 
 
 def spec_of(name: str) -> str:
@@ -93,7 +88,7 @@ def call(spec: str, args: dict, row: dict, turns: list[str]) -> Reply:
     try:
         return check_reply(_env(spec, args).step(row, turns))
     except BaseException as err:  # noqa: BLE001 - whatever user code raises comes back as one type
-        raise EnvCallError(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
+        raise PoolCallError(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
 
 
 class EnvPool:
@@ -115,20 +110,11 @@ class EnvPool:
 
     def result(self, future) -> tuple[Reply | None, str]:
         """The call's reply, or (None, why it failed). Raises `EnvironmentFailed` at env.max_failures in a row."""
-        from pebble import ProcessExpired
-
-        try:
-            reply = future.result(timeout=self.cfg.timeout_s + RESULT_GRACE_S)
+        reply, cause, trace = pool_result(future, self.cfg.timeout_s + RESULT_GRACE_S, self.cfg.timeout_s,
+                                          "env.timeout_s")
+        if not cause:
             self.in_a_row = 0
             return reply, ""
-        except EnvCallError as err:
-            cause, trace = err.args
-        except FutureTimeout:
-            cause, trace = f"timed out after {self.cfg.timeout_s:g}s (env.timeout_s; its process was killed)", ""
-        except ProcessExpired as err:
-            cause, trace = f"its process died (exit code {err.exitcode})", ""
-        except Exception as err:  # noqa: BLE001 - the pool's own failure: reported, not hidden
-            cause, trace = f"{type(err).__name__}: {err}", getattr(err, "traceback", "")
         self.in_a_row += 1
         if self.in_a_row >= self.cfg.max_failures:
             raise EnvironmentFailed(f"environment {self.cfg.name!r} ({self.spec}) failed {self.in_a_row} calls in a "
