@@ -41,7 +41,7 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.completion_ids)
 
     @property
-    def loss_tokens(self) -> int:
+    def model_tokens(self) -> int:
         """The tokens the loss counts: the model's."""
         return len(self.completion_ids) if self.mask is None else sum(self.mask)
 

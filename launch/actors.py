@@ -45,11 +45,13 @@ def check_inputs(cfg: Config) -> None:
     check_model(cfg.model.path)
     try:
         check_functions(cfg.task.functions)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
         if cfg.env.name:
             load_function(spec_of(cfg.env.name))
     except ValueError as err:
-        raise ConfigError(str(err) if not cfg.env.name or "task.functions" in str(err) else f"env.name: {err}") \
-            from None
+        raise ConfigError(f"env.name: {err}") from None
 
 
 def start_actors(cfg: Config, device: str, faults: Faults, learner_too: bool = True) -> Actors:

@@ -33,7 +33,7 @@ def make_shards(samples: list[TrainSample], world_size: int, micro_batch_size: i
         parts = [[s for i in part for s in pieces[i]] for part in parts]
         for r, part in enumerate(parts):
             per_rank[r].append(part)
-        tokens.append(sum(s.loss_tokens for s in mb))  # the model's tokens: environment tokens carry no loss
+        tokens.append(sum(s.model_tokens for s in mb))  # the model's tokens: environment tokens carry no loss
         seqs.append(len(mb))
         micro.append(max(1, max(math.ceil(len(p) / micro_batch_size) for p in parts)))
     return [TrainShard(per_rank[r], tokens, seqs, micro, temperature, max_tokens) for r in range(world_size)]

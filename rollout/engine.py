@@ -118,22 +118,26 @@ class RolloutEngine:
         if multiturn:
             if rows is None or len(rows) != len(prompts):
                 raise ValueError("a multi-turn generate needs one dataset row per prompt (rows)")
-            return self._trajectories(prompts, fitted, rows, params, n, env, seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=fitted[i]) for i in live], params, use_tqdm=False) \
-            if live else []
+            got = self._trajectories([fitted[i] for i in live], [rows[i] for i in live], params, n, env, seed)
+        else:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=fitted[i]) for i in live], params,
+                                        use_tqdm=False) if live else []
+            got = [[self._sample(fitted[i], comp) for comp in out.outputs] for i, out in zip(live, outputs)]
         result: list[list[Sample]] = [
             [Sample(list(p), [], [], "dropped", self.version) for _ in range(n)] for p in prompts]
-        for i, out in zip(live, outputs):
-            samples = []
-            for comp in out.outputs:
-                ids = list(comp.token_ids)
-                lps = [d[t].logprob for d, t in zip(comp.logprobs, ids)] if comp.logprobs else []
-                samples.append(Sample(fitted[i], ids, lps, comp.finish_reason or "length", self.version, comp.text))
+        for i, samples in zip(live, got):
             result[i] = samples
         return result
 
-    def _trajectories(self, prompts: list[list[int]], fitted: list[list[int] | None], rows: list[dict], params, n: int, env,
+    def _sample(self, prompt: list[int], comp) -> Sample:
+        ids = list(comp.token_ids)
+        lps = [d[t].logprob for d, t in zip(comp.logprobs, ids)] if comp.logprobs else []
+        return Sample(prompt, ids, lps, comp.finish_reason or "length", self.version, comp.text)
+
+    def _trajectories(self, prompts: list[list[int]], rows: list[dict], params, n: int, env,
                       seed: int | None) -> list[list[Sample]]:
+        """n multi-turn trajectories per (fitted) prompt, on this engine's environment pool (started, or restarted
+        for another environment, here)."""
         from rollout import multiturn
         from rollout.env import EnvPool
 
@@ -142,15 +146,9 @@ class RolloutEngine:
                 self.env_pool.close()
             self.env_pool = EnvPool(env)
         tokenizer = self.llm.get_tokenizer()
-        live = [i for i, p in enumerate(fitted) if p is not None]
-        got = multiturn.generate(self.llm.llm_engine, self.env_pool, [fitted[i] for i in live], [rows[i] for i in live],
-                                 params, n, env, self.max_model_len,
-                                 lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
-                                 tick, self.version, seed)
-        result = [[Sample(list(p), [], [], "dropped", self.version) for _ in range(n)] for p in prompts]
-        for i, samples in zip(live, got):
-            result[i] = samples
-        return result
+        return multiturn.generate(self.llm.llm_engine, self.env_pool, prompts, rows, params, n, env,
+                                  self.max_model_len, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                  tokenizer.decode, tick, self.version, seed)
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int, rank_offset: int,
                           timeout_s: float, plan: list) -> list[int]:
