@@ -82,7 +82,7 @@ def test_a_long_healthy_generation_is_not_taken_for_a_hang(engines):
     engines.timeouts = dataclasses.replace(saved, stall_s=0.5)
     try:
         start = time.monotonic()
-        groups = engines.generate([[48, 293, 288, 75, 67]] * 24, 16, temperature=1.0, max_tokens=200)
+        groups = engines.generate([[48, 293, 288, 75, 67]] * 48, 16, temperature=1.0, max_tokens=200)
         took = time.monotonic() - start
     finally:
         engines.timeouts = saved
