@@ -120,13 +120,6 @@ def the_restart(rows, phase: str, pid: int) -> dict:
     return restarts[0]
 
 
-def test_engine_killed_mid_generate(undisturbed, tmp_path):
-    rows, killed = run_job(tmp_path, hit_an_engine_generating(tmp_path, signal.SIGKILL))
-    assert_complete(rows, undisturbed)
-    assert "died" in the_restart(rows, "generate", killed)["cause"]
-    assert_replacement_follows_the_learner(rows)
-
-
 def test_engine_killed_mid_broadcast(undisturbed, tmp_path):
     """The engine is frozen while the learner trains, so the weight sync starts without it and waits; it is killed
     while the learner and the other engine are in that sync."""
@@ -247,16 +240,50 @@ def test_killing_an_engine_kills_its_stuck_workers_too(ray_local):
     assert time.monotonic() - start < 20
 
 
-def test_a_multiturn_job_trains_on_its_trajectories(ray_local, cpu_vllm, tmp_path):
-    """The loop with an environment (tests/envs.py:Scripted, every turn stopped at its first character): rollouts
-    of two-turn trajectories, scored, trained on and evaluated, with the multi-turn numbers logged."""
-    envs = os.path.join(os.path.dirname(__file__), "envs.py")
-    stops = "[" + ",".join(repr(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789 .,") + "]"
-    rows, _ = run_job(tmp_path, None, f"env.name={envs}:Scripted", "env.max_turns=2", f"env.stop={stops}",
-                      "env.max_observation_tokens=8", "train.steps=2", "eval.every=2", "eval.num_examples=4")
-    assert [r["step"] for r in rows] == [1, 2] and any("loss" in r for r in rows)
+ENVS = os.path.join(os.path.dirname(__file__), "envs.py")
+# tests/envs.py:Scripted answers every turn; every turn stops at its first character, so trajectories are short
+MULTITURN = [f"env.name={ENVS}:Scripted", "env.max_turns=2", "env.max_observation_tokens=8",
+             "env.stop=[" + ",".join(repr(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789 .,") + "]"]
+
+
+@pytest.fixture(scope="module")
+def undisturbed_multiturn(ray_local, cpu_vllm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("undisturbed_multiturn")
+    rows, _ = run_job(out, None, *MULTITURN, f"eval.every={STEPS}", "eval.num_examples=4")
+    return rows, out
+
+
+def test_a_multiturn_job_trains_on_its_trajectories(undisturbed_multiturn):
+    """The loop with an environment: rollouts of two-turn trajectories, scored, trained on and evaluated, with the
+    multi-turn numbers logged."""
+    rows, out = undisturbed_multiturn
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and any("loss" in r for r in rows)
     for r in rows:
         assert 1 <= r["env/turns"] <= 2 and r["env/env_tokens"] > 0 and 0 < r["env/model_token_frac"] < 1, r
         assert r["train_tokens"] < r["samples"] * 100 and r["completion_len"] <= 2 * 16
-    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
-    assert [r["step"] for r in evals] == [0, 2] and evals[-1]["eval/env/turns"] >= 1
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, STEPS] and evals[-1]["eval/env/turns"] >= 1
+
+
+def test_engine_killed_mid_multiturn_step_then_stopped_and_resumed(undisturbed_multiturn, tmp_path):
+    """kill -9 of an engine while it generates step 3's trajectories (its environment pool's processes go with it);
+    the run stops after step 5 (train.stop_after) and a second run resumes it. Every step once, on the undisturbed
+    multi-turn run's prompts, with all their groups; one restart, and the replacement follows the learner.
+    (Single-turn engine kills mid-generate: test_engine_killed_while_generating_ahead, the restart-budget test.)"""
+    def act():
+        procs.wait_for(lambda: steps_done(tmp_path) >= 2, 300, 0.05, "step 2 done")
+        pid = procs.wait_for(engine_generating, 120, what="an engine generating")
+        tree = procs.descendants(pid)
+        os.kill(pid, signal.SIGKILL)
+        return pid, tree
+
+    first, (killed, tree) = run_job(tmp_path, act, *MULTITURN, "train.stop_after=5")
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    assert_replacement_follows_the_learner(first)
+    assert tree, "the engine had no environment processes: the check below would show nothing"
+    assert procs.wait_for(lambda: not any(procs.alive(p) for p in tree), 30, 0.5, "the engine's processes gone")
+    rows, _ = run_job(tmp_path, None, *MULTITURN)
+    assert_complete(rows, undisturbed_multiturn[0])
+    restarts = restarts_of(rows)
+    assert len(restarts) == 1 and restarts[0]["phase"] == "generate" and f"pid {killed}" in restarts[0]["cause"]
+    assert "died" in restarts[0]["cause"] and all(r["env/turns"] >= 1 for r in rows)

@@ -1,0 +1,118 @@
+"""Multi-turn generation throughput ÷ single-turn, one engine, one run (target ≥ 0.8; printed as a ratio).
+
+Both sides run on one `RolloutEngine` built in this process (no Ray: the engine's own code, not its actor wrapper),
+on the same prompts with the same number of samples:
+
+- single-turn: `RolloutEngine.generate`, completions of `--max-tokens` tokens;
+- multi-turn: `rollout.multiturn.generate` (the loop `RolloutEngine.generate` runs with an environment) with the
+  real environment pool, `--turns` model turns of ~max_tokens / turns tokens each, every turn answered by `Echo`
+  (below) with `--obs-tokens` environment tokens after `--env-ms` milliseconds.
+
+The figure is model tokens per second (environment tokens not counted) of each, over the same number of model
+tokens (± the few a stop string overshoots a turn's minimum). A turn ends on a stop string once it has its minimum
+length (`min_tokens`), so turn lengths, and so the work, are fixed rather than left to a random model.
+
+    .venv/bin/python bench/multiturn.py [--prompts 8 --n 16 --max-tokens 128 --turns 4 --obs-tokens 16 --env-ms 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo (pool processes too)
+from rollout.env import Reply  # noqa: E402
+
+STOP = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_'\"()[]{}<>/\\|=+*&%$#@")
+
+
+class Echo:
+    """An environment that answers every turn with `ids` after `ms` milliseconds (a tool's latency)."""
+
+    def __init__(self, ids: list[int], ms: float = 0.0):
+        self.ids, self.ms = ids, ms
+
+    def step(self, row, turns):
+        if self.ms:
+            time.sleep(self.ms / 1000)
+        return Reply(list(self.ids))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model path (default: the rollout bench's random 25M Qwen2)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128, help="model tokens per sample, over all its turns")
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--obs-tokens", type=int, default=16)
+    ap.add_argument("--env-ms", type=float, default=0.0, help="each environment call's latency")
+    ap.add_argument("--workers", type=int, default=2, help="env.workers: the environment pool's processes")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), VLLM_ENABLE_V1_MULTIPROCESSING="0", CUDA_VISIBLE_DEVICES="")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+    import torch
+    from vllm import SamplingParams
+
+    from core.config import EnvConfig
+    from rollout import multiturn
+    from rollout.engine import RolloutEngine
+    from rollout.env import EnvPool
+    from rollout.progress import tick
+
+    torch.set_num_threads(args.threads)
+    model = args.model or common.bench_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (int(k),), generator=g).tolist()
+               for k in torch.randint(20, 80, (args.prompts,), generator=g)]
+    per_turn = args.max_tokens // args.turns
+    window = 80 + args.max_tokens + args.turns * (args.obs_tokens + 8)
+    engine = RolloutEngine(model, "cpu", dtype="float32", max_model_len=window, cpu_kv_cache_gb=1.0)
+    env = EnvConfig(name=f"{os.path.abspath(__file__)}:Echo", max_turns=args.turns, stop=STOP,
+                    max_observation_tokens=args.obs_tokens, workers=args.workers,
+                    args={"ids": [11] * args.obs_tokens, "ms": args.env_ms})
+    pool = EnvPool(env)
+    tokenizer = engine.llm.get_tokenizer()
+    turn = SamplingParams(temperature=1.0, max_tokens=per_turn + 8, min_tokens=per_turn - 1, stop=STOP,
+                          include_stop_str_in_output=True, logprobs=0)
+    rows = [{} for _ in prompts]
+
+    def single(seed: int) -> tuple[int, int]:
+        out = engine.generate(prompts, args.n, temperature=1.0, max_tokens=args.max_tokens, seed=seed)
+        return sum(s.model_tokens for group in out for s in group), sum(len(group) for group in out)
+
+    def multi(seed: int) -> tuple[int, int, float, float]:
+        out = multiturn.generate(engine.llm.llm_engine, pool, prompts, rows, turn, args.n, env, window,
+                                 lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
+                                 tick, 0, seed)
+        samples = [s for group in out for s in group]
+        return (sum(s.model_tokens for s in samples), len(samples), sum(s.env["turns"] for s in samples) / len(samples),
+                sum(s.env.get("env_failed", 0.0) for s in samples))
+
+    single(0), multi(0)  # warm-up: compiled kernels, the pool's processes started
+    figures = {"single": [0, 0.0], "multi": [0, 0.0]}
+    for r in range(args.rounds):  # alternated, so a slower stretch of a noisy machine falls on both
+        for name, fn in (("single", single), ("multi", multi)):
+            start = time.perf_counter()
+            got = fn(r + 1)
+            figures[name][1] += time.perf_counter() - start
+            figures[name][0] += got[0]
+            if name == "multi":
+                turns, failed = got[2], got[3]
+    pool.close()
+    (st, st_s), (mt, mt_s) = figures["single"], figures["multi"]
+    ratio = (mt / mt_s) / (st / st_s)
+    print(f"| mode | model tokens | seconds | model tok/s |\n|---|---|---|---|\n"
+          f"| single-turn | {st} | {st_s:.2f} | {st / st_s:.1f} |\n"
+          f"| multi-turn ({args.turns} turns, {turns:.2f} made, {args.obs_tokens} env tokens a turn, "
+          f"{args.env_ms:g} ms env) | {mt} | {mt_s:.2f} | {mt / mt_s:.1f} |")
+    print(f"failed environment calls: {failed:g}")
+    print(f"RATIO multi-turn / single-turn model tok/s: {ratio:.3f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
