@@ -4,9 +4,9 @@ Both sides run on one `RolloutEngine` built in this process (no Ray: the engine'
 on the same prompts with the same number of samples:
 
 - single-turn: `RolloutEngine.generate`, completions of `--max-tokens` tokens;
-- multi-turn: `rollout.multiturn.generate` (the loop `RolloutEngine.generate` runs with an environment) with the
-  real environment pool, `--turns` model turns of ~max_tokens / turns tokens each, every turn answered by `Echo`
-  (below) with `--obs-tokens` environment tokens after `--env-ms` milliseconds.
+- multi-turn: `RolloutEngine._trajectories` (what `RolloutEngine.generate` runs with an environment: the loop of
+  `rollout.multiturn` on the engine's environment pool), `--turns` model turns of ~max_tokens / turns tokens each,
+  every turn answered by `Echo` (below) with `--obs-tokens` environment tokens after `--env-ms` milliseconds.
 
 The figure is model tokens per second (environment tokens not counted) of each, over the same number of model
 tokens (± the few a stop string overshoots a turn's minimum). A turn ends on a stop string once it has its minimum
@@ -59,10 +59,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from core.config import EnvConfig
-    from rollout import multiturn
     from rollout.engine import RolloutEngine
-    from rollout.env import EnvPool
-    from rollout.progress import tick
 
     torch.set_num_threads(args.threads)
     model = args.model or common.bench_model()
@@ -75,8 +72,6 @@ def main() -> None:
     env = EnvConfig(name=f"{os.path.abspath(__file__)}:Echo", max_turns=args.turns, stop=STOP,
                     max_observation_tokens=args.obs_tokens, workers=args.workers,
                     args={"ids": [11] * args.obs_tokens, "ms": args.env_ms})
-    pool = EnvPool(env)
-    tokenizer = engine.llm.get_tokenizer()
     turn = SamplingParams(temperature=1.0, max_tokens=per_turn + 8, min_tokens=per_turn - 1, stop=STOP,
                           include_stop_str_in_output=True, logprobs=0)
     rows = [{} for _ in prompts]
@@ -86,9 +81,7 @@ def main() -> None:
         return sum(s.model_tokens for group in out for s in group), sum(len(group) for group in out)
 
     def multi(seed: int) -> tuple[int, int, float, float]:
-        out = multiturn.generate(engine.llm.llm_engine, pool, prompts, rows, turn, args.n, env, window,
-                                 lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
-                                 tick, 0, seed)
+        out = engine._trajectories(prompts, rows, turn, args.n, env, seed)  # generate's, with a turn minimum
         samples = [s for group in out for s in group]
         return (sum(s.model_tokens for s in samples), len(samples), sum(s.env["turns"] for s in samples) / len(samples),
                 sum(s.env.get("env_failed", 0.0) for s in samples))
@@ -103,7 +96,7 @@ def main() -> None:
             figures[name][0] += got[0]
             if name == "multi":
                 turns, failed = got[2], got[3]
-    pool.close()
+    engine.env_pool.close()
     (st, st_s), (mt, mt_s) = figures["single"], figures["multi"]
     ratio = (mt / mt_s) / (st / st_s)
     print(f"| mode | model tokens | seconds | model tok/s |\n|---|---|---|---|\n"
