@@ -5,7 +5,8 @@ learner (DeepSpeed) and rollout engines (vLLM) as Ray actors.
         python launch/gsm8k.py --config configs/gsm8k_qwen2.5_0.5b.yaml [key.sub=value ...]
 
 Run directly (`python launch/gsm8k.py ...`) it starts a local Ray cluster. Without --config it picks
-`gsm8k_qwen2.5_0.5b.yaml` when this machine sees a GPU and `mawps_smollm2_cpu.yaml` (word problems) otherwise.
+`gsm8k_qwen2.5_0.5b.yaml` when this machine sees a GPU and `mawps_python_smollm2_cpu.yaml` (word problems with the
+built-in Python tool) otherwise.
 `--dry-run` prints the resolved config and exits; `--resume` insists on continuing from the latest checkpoint in
 train.output_dir (which is also what happens by default when one is there).
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the submitted
 from launch import driver, exits  # noqa: E402
 from launch.config import ConfigError, dump_config, load_config  # noqa: E402
 
-GPU_PRESET, CPU_PRESET = "gsm8k_qwen2.5_0.5b.yaml", "mawps_smollm2_cpu.yaml"
+GPU_PRESET, CPU_PRESET = "gsm8k_qwen2.5_0.5b.yaml", "mawps_python_smollm2_cpu.yaml"
 
 
 def default_preset() -> str:

@@ -35,7 +35,8 @@ def engine_env(device: str, threads: int) -> dict[str, str]:
 class RolloutEngine:
     def __init__(self, model: str, device: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  max_model_len: int = 1024, gpu_memory_utilization: float = 0.85, cpu_kv_cache_gb: float = 1.0,
-                 enforce_eager: bool = False, overlong_prompt: str = "drop", seed: int = 0, engine_index: int = 0):
+                 enforce_eager: bool = False, block_size: int | None = None,
+                 overlong_prompt: str = "drop", seed: int = 0, engine_index: int = 0):
         from vllm import LLM
 
         from core.models import resolve_dtype, resolve_model
@@ -49,6 +50,8 @@ class RolloutEngine:
             worker_extension_cls=WORKER_EXTENSION,
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
         )
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         if device == "cpu":
             # No chunked prefill on CPU: a prompt split across steps makes vLLM rewind its request's seeded generator
             # (`set_offset`), which a CPU generator does not have, so seeded sampling (sampled eval) would crash as

@@ -109,7 +109,8 @@ class EngineGroup:
         self.max_restarts = cfg.max_restarts if max_restarts is None else max_restarts  # what is left of the budget
         self._kwargs = dict(dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size, max_model_len=max_model_len,
                             gpu_memory_utilization=cfg.gpu_memory_utilization, cpu_kv_cache_gb=cfg.cpu_kv_cache_gb,
-                            enforce_eager=cfg.enforce_eager, overlong_prompt=cfg.overlong_prompt, seed=seed)
+                            enforce_eager=cfg.enforce_eager, block_size=cfg.block_size,
+                            overlong_prompt=cfg.overlong_prompt, seed=seed)
         self._model = model
         self.engines = [self._spawn(i) for i in range(cfg.num_engines)]
         self.infos: list[dict] = [{} for _ in self.engines]

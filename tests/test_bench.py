@@ -99,12 +99,14 @@ def test_multiturn_bench_runs_on_cpu():
     from its full run, docs/benchmarks.md)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "bench/multiturn.py", "--model", "builtin:tiny-qwen2", "--prompts", "2",
-                          "--n", "4", "--max-tokens", "16", "--turns", "2", "--obs-tokens", "4", "--rounds", "1"],
+                          "--n", "4", "--max-tokens", "16", "--shapes", "2x4", "--rounds", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| mode")]
-    (single, st), (multi, mt) = [(r[0], int(r[1])) for r in rows]
-    assert "single-turn" in single and "2 turns, 2.00 made" in multi, out.stdout
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| multi-turn")]
+    assert len(rows) == 1, out.stdout
+    multi, mt, single = rows[0][0], int(rows[0][1]), rows[0][4]
+    st = int(single.split(",")[0])
+    assert "2 turns, 2.00 made, 4 env tokens" in multi, out.stdout
     assert st == 2 * 4 * 16 and st <= mt <= 1.5 * st, out.stdout  # each turn its minimum, a stop token or two past
     assert "failed environment calls: 0\n" in out.stdout, out.stdout
-    assert float(out.stdout.split("model tok/s: ")[1].split()[0]) > 0, out.stdout
+    assert float(out.stdout.split("2x4 / single-turn model tok/s: ")[1].split()[0]) > 0, out.stdout
