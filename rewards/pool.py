@@ -69,6 +69,9 @@ def load_function(spec: str) -> Callable:
             sys.modules[name] = module
             try:
                 loader.loader.exec_module(module)
+            except Exception as err:  # a bug in the user's file (SyntaxError, an import it lacks, ...): say which
+                del sys.modules[name]
+                raise ValueError(f"{spec!r}: importing {path} raised {type(err).__name__}: {err}") from err
             except BaseException:
                 del sys.modules[name]
                 raise

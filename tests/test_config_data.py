@@ -263,3 +263,20 @@ def test_check_fits_names_the_shortfall(learner, rollout, nodes, needle):
     with pytest.raises(ClusterTooSmall) as err:
         check_fits(learner, rollout, nodes)
     assert needle in str(err.value)
+
+
+def test_an_environment_that_cannot_be_loaded_is_a_config_error_naming_it(tmp_path):
+    """env.name that names no file, no class in a module, or a file that fails to import: a ConfigError naming
+    env.name and what is wrong, before any actor starts (exit 2)."""
+    from launch.actors import check_inputs
+
+    broken = tmp_path / "broken_env.py"
+    broken.write_text("class Env:\n    def step(self, row, turns)\n        return None\n")  # no colon: SyntaxError
+    for name, says in ((f"{tmp_path}/missing.py:Env", "no file .*missing.py"),
+                       ("rollout.env:NoSuchEnv", "has no function 'NoSuchEnv'"),
+                       ("no_such_package.envs:Env", "cannot import 'no_such_package.envs'"),
+                       (f"{broken}:Env", "importing .*broken_env.py raised SyntaxError")):
+        cfg = load_config("toy_tiny_cpu.yaml", [f"env.name={name}"])
+        with pytest.raises(ConfigError, match="env.name: .*" + says):
+            check_inputs(cfg)
+    check_inputs(load_config("toy_tiny_cpu.yaml", ["env.name=python"]))  # the built-in loads
