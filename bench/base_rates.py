@@ -23,7 +23,8 @@ from launch.config import EvalSet, load_config
 
 # name → how its rows are read (an eval.sets entry; data.* fills what is left out: the prompt and rewards)
 SETS = {
-    "gsm8k": dict(source="offline:gsm8k", split="test", prompt_field="question", answer_extract="gsm8k"),
+    "gsm8k": dict(source="offline:gsm8k", split="test", prompt_field="question", answer_field="answer",
+                  answer_extract="gsm8k"),
     "gsm_hard": dict(source="offline:gsm_hard", prompt_field="input", answer_field="target", answer_extract="none"),
     "svamp": dict(source="offline:svamp", question_template="{Body} {Question}", answer_field="Answer",
                   answer_extract="none"),
