@@ -13,7 +13,7 @@ and the driver's open file descriptors
 and RSS over its life (bounded: DRIVER_FD_GROWTH, DRIVER_RSS_GROWTH_MIB).
 
     python bench/chaos.py --steps 200 --faults 3 --seed 0      # the soak (README's table): ~15 faults
-    python bench/chaos.py --steps 20 --faults 1 --kinds engine_stop,node_loss,driver_kill   # CI (test_bench.py)
+    python bench/chaos.py --steps 16 --faults 1 --kinds engine_stop,node_loss,driver_kill   # CI (test_bench.py)
 
 Exit status 0 when every fault was survived and every check holds.
 """

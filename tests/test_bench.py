@@ -65,7 +65,7 @@ def test_chaos_soak_short(cpu_vllm):
     the generate timeout is 1200 s)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     kinds = ["engine_stop", "node_loss", "driver_kill"]
-    out = subprocess.run([sys.executable, "bench/chaos.py", "--steps", "20", "--faults", "1", "--seed", "1",
+    out = subprocess.run([sys.executable, "bench/chaos.py", "--steps", "16", "--faults", "1", "--seed", "1",
                           "--kinds", ",".join(kinds), "--timeout", "1200"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
