@@ -28,7 +28,8 @@ class RolloutConfig(Strict):
     threads: int | None = None  # CPU only: compute threads per engine (default cpus_per_engine)
     enforce_eager: bool = False  # CUDA graphs on GPU unless true; CPU always runs eager
     # KV-cache block in tokens (null: vLLM's, 16 on GPU and 128 on CPU). The prefix cache reuses whole blocks only,
-    # so each multi-turn turn recomputes up to a block of its context; smaller blocks cut that (CPU: multiples of 32 run fastest).
+    # so each multi-turn turn recomputes up to a block of its context; smaller blocks cut that (on CPU multiples of
+    # 32 run fastest).
     block_size: int | None = Field(None, ge=1)
     # An engine that dies or hangs is replaced in its placement-group bundle and given the current weights; this
     # many replacements per run (all engines together), then the job stops with the engines and causes named.

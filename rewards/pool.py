@@ -69,12 +69,12 @@ def load_function(spec: str) -> Callable:
             sys.modules[name] = module
             try:
                 loader.loader.exec_module(module)
-            except Exception as err:  # a bug in the user's file (SyntaxError, an import it lacks, ...): say which
+            except BaseException as err:
                 del sys.modules[name]
+                if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: not a bug in the file
+                    raise
+                # a bug in the user's file (SyntaxError, an import it lacks, ...): say which
                 raise ValueError(f"{spec!r}: importing {path} raised {type(err).__name__}: {err}") from err
-            except BaseException:
-                del sys.modules[name]
-                raise
     else:
         try:
             module = importlib.import_module(target)
